@@ -1,0 +1,77 @@
+"""Helpers for the candidate-pipeline tests: real input files and a real HTTP site on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+
+def write_warc(path: Path, pages: list[tuple[str, str]], extra_image_record: bool = True) -> Path:
+    """A gzipped WARC with one HTML response record per (page URL, html)."""
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for url, html in pages:
+            headers = StatusAndHeaders(
+                "200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1"
+            )
+            writer.write_record(
+                writer.create_warc_record(
+                    url, "response", payload=io.BytesIO(html.encode()), http_headers=headers
+                )
+            )
+        if extra_image_record:  # not a page: must produce no rows and no rejections
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "image/jpeg")], protocol="HTTP/1.1")
+            writer.write_record(
+                writer.create_warc_record(
+                    "http://site.example.com/x.jpg",
+                    "response",
+                    payload=io.BytesIO(b"\xff\xd8"),
+                    http_headers=headers,
+                )
+            )
+    return path
+
+
+def write_gzip_csv(path: Path, text: str) -> Path:
+    with gzip.open(path, "wb") as f:
+        f.write(text.encode("utf-8", "surrogateescape"))
+    return path
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    log: list[tuple[float, str, str]]  # (time, path, user agent), set per server
+
+    def do_GET(self) -> None:
+        self.log.append((time.monotonic(), self.path, self.headers.get("User-Agent", "")))
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def serve(root: Path) -> Iterator[tuple[str, list[tuple[float, str, str]]]]:
+    """Serve ``root`` on 127.0.0.1 (a free port); yields (base URL, request log)."""
+    log: list[tuple[float, str, str]] = []
+    handler = type("Handler", (_Handler,), {"log": log})
+
+    def factory(*args, **kwargs):
+        return handler(*args, directory=str(root), **kwargs)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), factory)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", log
+    finally:
+        server.shutdown()
+        server.server_close()

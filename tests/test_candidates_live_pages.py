@@ -1,0 +1,56 @@
+"""The live-page crawler against real pages served on 127.0.0.1: robots.txt, depth, same-site links,
+per-host politeness delay, the User-Agent, and broken pages counted."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+from candidates_support import serve
+
+from data_pipelines.candidates.records import Candidate, Rejected, Skipped
+from data_pipelines.candidates.sources.live_pages import CrawlConfig, iter_live_pages
+
+
+def _site(root, off_site: str = "http://203.0.113.9/elsewhere.html"):
+    (root / "robots.txt").write_text("User-agent: *\nDisallow: /private/\n")
+    (root / "index.html").write_text(
+        '<img src="img/dog.jpg" alt="a dog">'
+        '<img data-src="/img/cat.jpg" src="data:image/gif;base64,R0" alt="cat">'
+        f'<a href="a.html">a</a><a href="/private/secret.html">s</a><a href="{off_site}">off</a>'
+        '<a href="missing.html">404</a><a href="garbage.html">g</a>'
+    )
+    (root / "a.html").write_text('<img src="/img/bird.jpg" alt="bird"><a href="b.html">deeper</a>')
+    (root / "b.html").write_text('<img src="/img/deep.jpg" alt="too deep">')
+    (root / "garbage.html").write_bytes(b"\xff\xfe<<img src=\x00 alt=<<</html")
+    (root / "private").mkdir()
+    (root / "private" / "secret.html").write_text('<img src="/img/secret.jpg" alt="secret">')
+
+
+def test_crawl_obeys_robots_depth_and_politeness(tmp_path):
+    _site(tmp_path)
+    with serve(tmp_path) as (base, log):
+        cfg = CrawlConfig(max_depth=1, user_agent="test-agent/1.0", delay_s=0.1, timeout_s=5)
+        events = list(iter_live_pages([f"{base}/index.html"], cfg))
+    candidates = [e for e in events if isinstance(e, Candidate)]
+    skipped = Counter(e.reason for e in events if isinstance(e, Skipped))
+    assert sorted(c.text for c in candidates) == ["a dog", "bird", "cat"]  # b.html is depth 2
+    assert {c.url for c in candidates} >= {f"{base}/img/dog.jpg", f"{base}/img/cat.jpg"}
+    assert skipped == {"robots_disallowed": 1, "http_404": 1}
+    assert not [e for e in events if isinstance(e, Rejected)]
+    paths = [p for _, p, _ in log]
+    assert paths[0] == "/robots.txt" and "/private/secret.html" not in paths and "/b.html" not in paths
+    assert {ua for _, _, ua in log} == {"test-agent/1.0"}
+    starts = [t for t, _, _ in log]
+    assert all(b - a >= 0.09 for a, b in itertools.pairwise(starts))  # one host: requests ≥ delay apart
+
+
+def test_robots_disallow_all_and_unreachable_seed(tmp_path):
+    (tmp_path / "robots.txt").write_text("User-agent: *\nDisallow: /\n")
+    (tmp_path / "index.html").write_text('<img src="x.jpg" alt="x">')
+    with serve(tmp_path) as (base, log):
+        events = list(
+            iter_live_pages([f"{base}/index.html", "http://127.0.0.1:9/none.html"], CrawlConfig(delay_s=0))
+        )
+    assert Counter(e.reason for e in events) == {"robots_disallowed": 2}  # unreachable robots.txt: disallow
+    assert [p for _, p, _ in log] == ["/robots.txt"]

@@ -1,0 +1,186 @@
+"""The whole pipeline on real files through its CLIs: every row accounted for, the output contract the
+downloader reads, restartable jobs, the submitit job-array path, and independence from the partitioning."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from candidates_support import write_gzip_csv, write_warc
+
+from data_pipelines import balance, extract
+from data_pipelines.candidates.balancing import MatchedPair
+from data_pipelines.candidates.balancing import balance as balance_in_memory
+from data_pipelines.candidates.matching import QueryMatcher
+from data_pipelines.candidates.passes.executors import ExecutorConfig
+from data_pipelines.candidates.pipeline import plan_extract, run_balance, run_extract_pass
+from data_pipelines.candidates.stats import check_accounting
+from data_pipelines.candidates.urls import normalize_url
+
+WORDS = ["dog", "cat", "red", "car", "tree", "bird", "sky", "house", "boat", "sea"]
+QUERIES = [*WORDS, "red car", "blue whale"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    rnd = random.Random(0)
+    rows = [
+        {"URL": f"http://img.example.com/{rnd.randrange(700)}.jpg", "TEXT": " ".join(rnd.choices(WORDS, k=3))}
+        for _ in range(1200)
+    ]
+    rows += [{"URL": "data:image/png;base64,xx", "TEXT": "dog"}, {"URL": None, "TEXT": "dog"}]
+    rows += [{"URL": "http://img.example.com/u.jpg", "TEXT": "nothing to see"}]
+    pq.write_table(pa.Table.from_pylist(rows[:700]), d / "part1.parquet")
+    body = io.StringIO()
+    csv.writer(body).writerows([["URL", "TEXT"], *([r["URL"] or "", r["TEXT"]] for r in rows[700:])])
+    write_gzip_csv(d / "part2.csv.gz", body.getvalue() + "http://img.example.com/z.jpg,a,b\n")  # malformed
+    page = '<img src="/a.jpg" alt="Blue whale!"><img src="b.jpg" alt="a red car"><img src="c.jpg">'
+    write_warc(d / "crawl.warc.gz", [("https://www.example.org/sea/page.html", page)])
+    (d / "queries.txt").write_text("\n".join(QUERIES) + "\n")
+    return d
+
+
+def _run(inputs, work, out, buckets=3, t=40, seed=0, executor="processes", tables=None, warc=True):
+    tables = tables or [str(inputs / "part1.parquet"), str(inputs / "part2.csv.gz")]
+    args = ["--queries", str(inputs / "queries.txt"), "--tables", *tables, "--url-column", "URL"]
+    args += ["--text-column", "TEXT", "--work", str(work)] + (
+        ["--warc", str(inputs / "crawl.warc.gz")] if warc else []
+    )
+    args += ["--buckets", str(buckets), "--executor", executor, "--workers", "2"]
+    assert extract.main(args) == 0
+    assert balance.main(["--work", str(work), "--out", str(out), "--t", str(t), "--seed", str(seed)]) == 0
+    return json.loads((out / "stats.json").read_text())
+
+
+def _table(out):
+    return pq.read_table(sorted(out.glob("part-*.parquet"))).to_pylist()
+
+
+def test_end_to_end(inputs, tmp_path, capsys):
+    stats = _run(inputs, tmp_path / "work", tmp_path / "out")
+    summary = capsys.readouterr().out.strip().splitlines()
+    assert summary[-1].startswith("kept ") and str(tmp_path / "out") in summary[-1]
+    check_accounting(stats)
+    tot = stats["totals"]
+    assert tot["rows"] == 1203 + 1 + 3  # table rows (incl. one malformed) + WARC images
+    assert stats["rejected"] == {"data_uri": 1, "missing_url": 1, "malformed_row": 1, "img_without_text": 1}
+    assert tot["unmatched"] == 1 and tot["duplicates"] > 0
+    rows = _table(tmp_path / "out")
+    assert list(rows[0]) == ["url", "text", "query", "matched_queries", "source"]
+    per_query = {q: c["kept"] for q, c in stats["per_query"].items() if c["kept"]}
+    assert max(per_query.values()) <= 40
+    assert sum(per_query.values()) == len(rows) == tot["kept"]
+    assert stats["per_query"]["blue whale"] == {"matched": 1, "kept": 1}
+    whale = next(r for r in rows if r["query"] == "blue whale")
+    assert whale["url"] == "https://www.example.org/a.jpg" and "crawl.warc.gz#<urn:uuid:" in whale["source"]
+    assert all(r["query"] in r["matched_queries"] for r in rows)
+    assert len({r["url"] for r in rows}) == len(rows)
+    assert (tmp_path / "out" / "query_counts.png").stat().st_size > 1000
+
+
+def test_same_result_as_in_memory_and_independent_of_partitioning(inputs, tmp_path):
+    _run(inputs, tmp_path / "w1", tmp_path / "o1", buckets=1, seed=3)
+    _run(inputs, tmp_path / "w5", tmp_path / "o5", buckets=5, seed=3, tables=[str(inputs)])  # a folder
+    one, five = _table(tmp_path / "o1"), _table(tmp_path / "o5")
+    key = sorted((r["url"], r["text"], r["query"]) for r in one)
+    assert key == sorted((r["url"], r["text"], r["query"]) for r in five)
+    # The in-memory rule over the same matched pairs selects the same rows.
+    matcher = QueryMatcher(QUERIES)
+    pairs = []
+    for path in [inputs / "part1.parquet"]:
+        for i, r in enumerate(pq.read_table(path).to_pylist()):
+            url, _ = normalize_url(r["URL"])
+            if url and (m := matcher.match(r["TEXT"])):
+                pairs.append(MatchedPair(url, r["TEXT"], f"{path}:{i}", tuple(m)))
+    only_parquet = tmp_path / "o_pq"
+    _run(
+        inputs,
+        tmp_path / "w_pq",
+        only_parquet,
+        buckets=2,
+        seed=3,
+        tables=[str(inputs / "part1.parquet")],
+        warc=False,
+    )
+    expected = {(k.url, k.text, k.query) for k in balance_in_memory(pairs, 40, 3)}
+    got = {(r["url"], r["text"], r["query"]) for r in _table(only_parquet)}
+    assert got == expected
+
+
+def test_finished_jobs_are_not_run_again(inputs, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    specs = plan_extract(
+        work,
+        [str(inputs / "queries.txt")],
+        [str(inputs / "part1.parquet")],
+        url_column="URL",
+        text_column="TEXT",
+        n_buckets=2,
+    )
+    cfg = ExecutorConfig(kind="processes", workers=1)
+    run_extract_pass(specs, cfg)
+    first = run_balance(work, out, 40, 0, cfg)
+    stamps = {p: p.stat().st_mtime_ns for p in (*work.rglob("*.parquet"), *out.glob("part-*.parquet"))}
+    assert run_balance(work, out, 40, 0, cfg) == first
+    run_extract_pass(specs, cfg)
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+    with pytest.raises(ValueError, match="another plan"):
+        plan_extract(work, [str(inputs / "queries.txt")], [str(inputs)], url_column="URL", text_column="TEXT")
+
+
+def test_submitit_local_executor_runs_the_passes_as_job_arrays(inputs, tmp_path):
+    # submitit's "local" executor: each job is a real subprocess, launched as SLURM would run an array task.
+    work, out = tmp_path / "work", tmp_path / "out"
+    specs = plan_extract(
+        work,
+        [str(inputs / "queries.txt")],
+        [str(inputs / "part1.parquet")],
+        [str(inputs / "crawl.warc.gz")],
+        url_column="URL",
+        text_column="TEXT",
+        n_buckets=2,
+    )
+    cfg = ExecutorConfig(kind="local", log_dir=str(tmp_path / "logs"), timeout_min=5)
+    run_extract_pass(specs, cfg)
+    stats = run_balance(work, out, 40, 0, cfg)
+    check_accounting(stats)
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert (tmp_path / "logs" / "count").is_dir()
+
+
+def test_clear_errors_before_any_work(inputs, tmp_path, capsys):
+    base = ["--work", str(tmp_path / "w"), "--url-column", "URL", "--text-column", "TEXT"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = [
+        (
+            ["--queries", str(tmp_path / "none.txt"), "--tables", str(inputs / "part1.parquet")],
+            "query file not found",
+        ),
+        (["--queries", str(empty), "--tables", str(inputs / "part1.parquet")], "empty"),
+        (
+            ["--queries", str(inputs / "queries.txt"), "--tables", str(tmp_path / "no.parquet")],
+            "input not found",
+        ),
+    ]
+    for args, message in cases:
+        assert extract.main(args + base) == 2
+        assert message in capsys.readouterr().err
+    bad_column = ["--queries", str(inputs / "queries.txt"), "--tables", str(inputs / "part1.parquet")]
+    assert extract.main([*bad_column, "--work", str(tmp_path / "w"), "--url-column", "image"]) == 2
+    assert "no column 'image'" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    assert balance.main(["--work", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.parametrize("module", [extract, balance])
+def test_help(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0 and "python -m data_pipelines." in capsys.readouterr().out
