@@ -1,0 +1,163 @@
+"""`python -m clip_train`: compose `configs/` with Hydra, build every object from its `_target_`, and fit.
+
+    python -m clip_train                               # small model on the embedded demo shards (CPU)
+    python -m clip_train +experiment=vit_b32           # the CLIP paper's ViT-B/32 recipe
+    python -m clip_train --cfg job                     # print the resolved config and exit
+    python -m clip_train -m optimizer.lr=1e-4,5e-4     # a local sweep; add hydra/launcher=slurm for SLURM
+
+Runs live in runs/<run_name>; a rerun (or a requeued SLURM job) with the same name resumes from its last
+checkpoint, data position included.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import traceback
+import uuid
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+log = logging.getLogger("clip_train")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, found before any work starts."""
+
+
+# ----------------------------------------------------------------------------------- config resolvers
+def _wandb_offline() -> bool:
+    """Log offline unless an API key is configured (environment or ~/.netrc from `wandb login`)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path.home() / ".netrc"
+    return not (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+def _run_id(run_dir: str) -> str:
+    """A run id stored in the run directory, so that a requeued job continues the same logger run."""
+    path = Path(run_dir) / "run_id"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+for _name, _fn in (("wandb_offline", _wandb_offline), ("run_id", _run_id)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn, use_cache=True)
+
+
+# ------------------------------------------------------------------------------------ checks up front
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Processes the trainer will launch: devices per node × nodes (devices "auto" = visible GPUs or 1)."""
+    devices = trainer_cfg.get("devices", 1)
+    if devices in ("auto", -1, "-1"):
+        accelerator = trainer_cfg.get("accelerator", "auto")
+        devices = torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else 1
+        devices = max(devices, 1)
+    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    return int(devices) * int(trainer_cfg.get("num_nodes", 1))
+
+
+def per_rank_batch_size(global_batch_size: int, world: int) -> int:
+    if global_batch_size < 1:
+        raise ConfigError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    if global_batch_size % world:
+        raise ConfigError(
+            f"global_batch_size={global_batch_size} does not divide over {world} processes "
+            f"(trainer.devices × trainer.num_nodes); choose a multiple of {world}"
+        )
+    return global_batch_size // world
+
+
+def check_hardware(cfg: DictConfig) -> None:
+    """DeepSpeed and FSDP need CUDA: say so before anything is built."""
+    strategy = cfg.trainer.get("strategy", "auto")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    needs_cuda = any(word in target.lower() for word in ("deepspeed", "fsdp"))
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if (needs_cuda or accelerator in ("gpu", "cuda")) and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer {HydraConfig.get().runtime.choices.get('trainer', '?')!r} "
+            f"(strategy {target or strategy}, accelerator {accelerator}) needs CUDA, "
+            "but torch sees no GPU here; use trainer=cpu or trainer=ddp_cpu on this machine"
+        )
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    last = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+    return str(last) if cfg.resume and last.exists() else None
+
+
+# ------------------------------------------------------------------------------------------- training
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Build the data module, model, Lightning module, callbacks, loggers and trainer from `cfg`; fit.
+
+    Returns the final logged metrics (a sweep optimises one of them)."""
+    check_hardware(cfg)
+    world = world_size(cfg.trainer)
+    batch_size = per_rank_batch_size(int(cfg.global_batch_size), world)
+    if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= batch_size:
+        raise ConfigError(
+            f"micro_batch_size={cfg.micro_batch_size} must lie in [1, per-rank batch {batch_size}]"
+        )
+    pl.seed_everything(cfg.seed, workers=True)
+
+    model = instantiate(cfg.model)
+    data_overrides = {"batch_size": batch_size, "seed": cfg.seed}
+    if cfg.data.get("image_size") is None:
+        data_overrides["image_size"] = model.image_size
+    if cfg.data.get("context_length") is None:
+        data_overrides["context_length"] = model.context_length
+    datamodule = instantiate(cfg.data, **data_overrides)
+    module = instantiate(
+        cfg.module,
+        model=model,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    ckpt = resume_checkpoint(cfg)
+    log.info("run directory %s; %s", cfg.paths.run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except Exception as error:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            if isinstance(error, ValueError | FileNotFoundError) and not os.environ.get("HYDRA_FULL_ERROR"):
+                # A configuration or data problem found up front: the message is the whole story.
+                raise SystemExit(f"error: {error}") from None
+            raise
+        # One failed job must not end a sweep: record the failure in its run directory and go on.
+        run_dir = Path(cfg.paths.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        log.error("job failed (traceback in %s); the sweep continues", run_dir / "error.txt")
+        return math.nan
+    return metrics.get("train/loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The Lightning module that trains a CLIP model with a contrastive loss.
+
+One training step: encode both towers, let the loss gather embeddings across ranks (with gradients), back-
+propagate, clip, step the optimiser and the per-step schedule, then clamp the temperature. Optimisation is
+manual so that exact gradient caching (several backward passes per step) and the skipping of non-finite
+steps behave the same on one process and under data parallelism.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from clip_train.training.gradient_cache import gradient_cached_step
+from clip_train.training.optim import parameter_groups
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive steps whose loss was NaN or infinite."""
+
+
+class CLIPTrainingModule(pl.LightningModule):
+    """Contrastive training of a two-tower model.
+
+    Args:
+        model: a CLIP model (see `clip_train.models.CLIP`).
+        loss: `ContrastiveLoss` or `SigLipLoss` from `clip_train.losses`.
+        optimizer: a partial optimiser taking parameter groups (Hydra `_partial_: true`); its weight decay
+            applies to weight matrices only (see `parameter_groups`).
+        scheduler: a partial taking `(optimizer, total_steps=...)`, stepped after every optimiser step.
+        micro_batch_size: when smaller than the per-rank batch, use exact gradient caching with micro-batches
+            of this size (`clip_train.training.gradient_cache`).
+        gradient_clip_norm: clip the global gradient norm to this value (None: no clipping).
+        max_consecutive_nonfinite: stop with `NonFiniteLossError` after this many non-finite steps in a row.
+        compile: wrap the model in `torch.compile`.
+        grad_checkpointing: recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        micro_batch_size: int | None = None,
+        gradient_clip_norm: float | None = None,
+        max_consecutive_nonfinite: int = 5,
+        compile: bool = False,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be a positive integer or null, got {micro_batch_size}")
+        if max_consecutive_nonfinite < 1:
+            raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
+        self.automatic_optimization = False
+        self.model = model
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.micro_batch_size = micro_batch_size
+        self.gradient_clip_norm = gradient_clip_norm
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.compile = compile
+        if grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.nonfinite_steps = 0  # total over the run, logged
+        self._consecutive_nonfinite = 0
+        self._last_step_end: float | None = None
+        self._data_wait = 0.0
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def configure_model(self) -> None:
+        if self.compile and not getattr(self, "_compiled", False):
+            self.model = torch.compile(self.model)
+            self._compiled = True
+
+    def configure_optimizers(self):
+        inner = getattr(self.model, "_orig_mod", self.model)
+        groups = parameter_groups(
+            inner,
+            weight_decay=self._optimizer_weight_decay(),
+            no_decay_names=inner.no_weight_decay_param_names(),
+        )
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _optimizer_weight_decay(self) -> float:
+        keywords = getattr(self.optimizer_factory, "keywords", {}) or {}
+        return float(keywords.get("weight_decay", 0.0))
+
+    def on_fit_start(self) -> None:
+        if self.micro_batch_size is not None and self.trainer.precision in ("16-mixed", "16", "16-true"):
+            raise ValueError(
+                "gradient caching (micro_batch_size) cannot be combined with fp16's dynamic loss scale; "
+                "use trainer.precision=bf16-mixed"
+            )
+
+    # ------------------------------------------------------------------------------------------ steps
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        self._data_wait = 0.0 if self._last_step_end is None else now - self._last_step_end
+        self._step_start = now
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, tokens = batch[0], batch[1]
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+
+        if self.micro_batch_size is not None and self.micro_batch_size < images.shape[0]:
+            output = gradient_cached_step(
+                self.model,
+                self.loss,
+                images,
+                tokens,
+                self.micro_batch_size,
+                backward=self.manual_backward,
+                no_sync=self.trainer.strategy.block_backward_sync,
+            )
+        else:
+            encoded = self.model(images, tokens)
+            output = self.loss(
+                encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias
+            )
+            # Back-propagate even a non-finite loss: every rank must take part in the gradient all-reduce.
+            self.manual_backward(output.loss)
+
+        if not self._all_ranks_finite(output.loss):
+            optimizer.zero_grad(set_to_none=True)
+            self._on_nonfinite_step(output.loss)
+            return output.loss.detach()
+
+        self._consecutive_nonfinite = 0
+        if self.gradient_clip_norm is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.gradient_clip_norm, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        getattr(self.model, "_orig_mod", self.model).clamp_logit_scale_()
+
+        self._log_step(output, images.shape[0])
+        return output.loss.detach()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._last_step_end = time.perf_counter()
+
+    def _all_ranks_finite(self, loss: Tensor) -> bool:
+        return self.trainer.strategy.reduce_boolean_decision(
+            bool(torch.isfinite(loss.detach()).item()), all=True
+        )
+
+    def _on_nonfinite_step(self, loss: Tensor) -> None:
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), rank_zero_only=True)
+        if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"the loss was not finite for {self._consecutive_nonfinite} consecutive steps (last value "
+                f"{loss.item()}, global step {self.global_step}); lower the learning rate, enable gradient "
+                "clipping (module.gradient_clip_norm) or use bf16 instead of fp16"
+            )
+        warnings.warn(
+            f"non-finite loss ({loss.item()}) at global step {self.global_step}: step skipped "
+            f"({self._consecutive_nonfinite} in a row, stopping at {self.max_consecutive_nonfinite})",
+            stacklevel=2,
+        )
+
+    def _log_step(self, output, local_batch: int) -> None:
+        elapsed = time.perf_counter() - self._step_start
+        inner = getattr(self.model, "_orig_mod", self.model)
+        world = self.trainer.world_size
+        metrics = {
+            "train/loss": output.loss.detach(),
+            "train/image_to_text_accuracy": output.image_to_text_accuracy,
+            "train/text_to_image_accuracy": output.text_to_image_accuracy,
+            "train/temperature": inner.logit_scale.detach().exp(),
+            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "train/samples_per_second": torch.tensor(local_batch * world / max(elapsed, 1e-9)),
+            "train/data_wait_seconds": torch.tensor(self._data_wait),
+        }
+        self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=True)
+        self.log("loss", output.loss.detach(), prog_bar=True, logger=False, rank_zero_only=True)

@@ -1,0 +1,68 @@
+"""AdamW parameter groups and the warm-up + cosine learning-rate schedule of the CLIP paper."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def parameter_groups(
+    model: nn.Module, weight_decay: float, no_decay_names: Iterable[str] | None = None
+) -> list[dict]:
+    """Split trainable parameters into a decayed group and an undecayed one.
+
+    CLIP (Radford et al., 2021, section 2.5) applies weight decay to weight matrices only: gains, biases,
+    embeddings and the temperature are left alone. `no_decay_names` lists parameters to exempt beyond the
+    default rule (every tensor with fewer than 2 dimensions: gains, biases and the temperature).
+    """
+    exempt = set(no_decay_names or ())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or name in exempt else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine_lambda(
+    warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimiser step `step`: linear warm-up, then cosine decay."""
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step scheduler; call `.step()` after every optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine_lambda(warmup_steps, total_steps, min_lr_ratio)
+    )
+
+
+def warmup_constant_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then the base learning rate (`total_steps` is accepted for a uniform signature)."""
+    if warmup_steps < 0:
+        raise ValueError(f"need warmup_steps >= 0, got {warmup_steps}")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    )
