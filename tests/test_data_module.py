@@ -1,0 +1,215 @@
+"""WebDatasetDataModule: batches, epochs, splitting over ranks and workers, mixing, and exact resume."""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from data_support import ToyTokenizer, write_crawler_shards, write_img2dataset_shards
+
+from clip_train.data import WebDatasetDataModule
+
+
+def _dm(shards, **kw) -> WebDatasetDataModule:
+    kw = {
+        "batch_size": 4,
+        "num_workers": 0,
+        "image_size": 32,
+        "tokenizer": ToyTokenizer(),
+        "shuffle_buffer": 6,
+        **kw,
+    }
+    return WebDatasetDataModule(shards, **kw)
+
+
+def _epoch(dm: WebDatasetDataModule) -> list[list[str]]:
+    return [info["keys"] for _, _, info in dm.train_dataloader()]
+
+
+@pytest.fixture(scope="module")
+def even(tmp_path_factory) -> str:
+    """4 shards x 8 samples."""
+    return write_crawler_shards(tmp_path_factory.mktemp("even"), [8, 8, 8, 8])
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> str:
+    """6 shards of very different sizes, with corrupt images scattered through them (63 samples)."""
+    corrupt = {"0000x00002", "0002x00000", "0002x00007", "0004x00001"}
+    return write_crawler_shards(tmp_path_factory.mktemp("uneven"), [14, 3, 20, 5, 9, 12], corrupt=corrupt)
+
+
+def test_batches_have_the_documented_shapes(even: str) -> None:
+    dm = _dm(even, batch_size=5, context_length=16, tokenizer=ToyTokenizer(16))
+    assert dm.batches_per_epoch == 6  # 32 // 5
+    loader = dm.train_dataloader()
+    assert len(loader) == 6
+    batches = list(loader)
+    assert len(batches) == 6
+    images, tokens, info = batches[0]
+    assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
+    assert tokens.shape == (5, 16) and tokens.dtype == torch.long
+    assert len(info["keys"]) == 5 and info["epoch"] == 0 and info["index"] == 0
+    assert -2.0 < images.mean() < 2.5 and images.std() > 0.1  # normalised, not 0..255
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_epoch_reads_every_sample_once_in_a_seeded_order(even: str, num_workers: int) -> None:
+    dm = _dm(even, num_workers=num_workers)
+    first, second = _epoch(dm), _epoch(dm)
+    for epoch in (first, second):
+        keys = [k for batch in epoch for k in batch]
+        assert len(keys) == 32 and len(set(keys)) == 32
+    assert first != second  # a new shuffle every epoch
+    assert _epoch(_dm(even, num_workers=num_workers)) == first  # same seed, same order
+    assert _epoch(_dm(even, num_workers=num_workers, seed=1)) != first
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
+    # The first sample of every shard is corrupt: 28 good samples make exactly 7 batches of 4.
+    pattern = write_crawler_shards(tmp_path, [8, 8, 8, 8], corrupt={f"000{s}x00000" for s in range(4)})
+    dm = _dm(pattern, train_num_samples=28, shuffle_buffer=1)
+    keys = [k for batch in _epoch(dm) for k in batch]
+    assert sorted(keys) == sorted(f"000{s}x{i:05d}" for s in range(4) for i in range(1, 8))
+    assert dm.corrupt_samples == 4
+    _epoch(dm)
+    assert dm.corrupt_samples == 8  # a running count over epochs
+
+
+@pytest.mark.parametrize(("num_workers", "resampled"), [(0, False), (2, False), (2, True)])
+def test_ranks_get_disjoint_shards_and_equal_batch_counts(
+    uneven: str, num_workers: int, resampled: bool
+) -> None:
+    per_rank = []
+    for rank in range(2):
+        dm = _dm(uneven, rank=rank, world_size=2, num_workers=num_workers, batch_size=3, resampled=resampled)
+        assert dm.batches_per_epoch == 63 // 6
+        batches = _epoch(dm)
+        assert len(batches) == 10 and all(len(b) == 3 for b in batches)
+        per_rank.append({k.split("x")[0] for b in batches for k in b})  # shard ids each rank read
+    if not resampled:
+        assert per_rank[0].isdisjoint(per_rank[1])
+
+
+def test_img2dataset_layout(tmp_path: Path) -> None:
+    pattern = write_img2dataset_shards(tmp_path, [8, 8])
+    dm = _dm(pattern, num_workers=2)
+    keys = [k for batch in _epoch(dm) for k in batch]
+    assert dm.batches_per_epoch == 4 and len(set(keys)) == 16
+    assert all(len(k) == 9 and k.isdigit() for k in keys)
+
+
+def test_sources_are_mixed_by_weight(tmp_path: Path) -> None:
+    a = write_crawler_shards(tmp_path / "a", [8, 8], key_prefix="a")
+    b = write_crawler_shards(tmp_path / "b", [8, 8], key_prefix="b")
+    sources = [{"urls": a, "weight": 3.0}, {"urls": b, "weight": 1.0}]
+    dm = _dm(sources, train_num_samples=240, batch_size=8)
+    counts = collections.Counter(k[0] for batch in _epoch(dm) for k in batch)
+    assert counts["a"] + counts["b"] == 240
+    assert 0.65 < counts["a"] / 240 < 0.85
+
+
+def _run(dm: WebDatasetDataModule, stop: int | None = None) -> list[tuple[list[str], float]]:
+    """Batches (keys, image checksum) until `stop` batches have been taken."""
+    out = []
+    for images, _, info in dm.train_dataloader():
+        out.append((info["keys"], float(images.double().sum())))
+        if stop is not None and len(out) == stop:
+            break
+    return out
+
+
+@pytest.mark.parametrize(("num_workers", "stop"), [(0, 4), (2, 3), (2, 8), (2, 21)])
+def test_resume_continues_exactly_where_it_stopped(uneven: str, num_workers: int, stop: int) -> None:
+    kw = {"num_workers": num_workers, "batch_size": 3, "seed": 5}
+    dm = _dm(uneven, **kw)
+    uninterrupted = _run(dm) + _run(dm)  # two full epochs
+    assert len(uninterrupted) == 2 * dm.batches_per_epoch == 42
+    first = _dm(uneven, **kw)
+    head = _run(first, stop=stop)
+    state = first.state_dict()
+    assert (state["epoch"], state["batches_consumed"], state["seed"]) == (0, stop, 5)
+    resumed = _dm(uneven, **kw)
+    resumed.load_state_dict(state)
+    tail = _run(resumed)
+    if stop < 21:  # the rest of epoch 0 ...
+        tail += _run(resumed)  # ... then epoch 1
+    assert [k for k, _ in head + tail] == [k for k, _ in uninterrupted]
+    assert [c for _, c in head + tail] == pytest.approx([c for _, c in uninterrupted])  # same crops too
+    assert resumed.corrupt_samples == dm.corrupt_samples > 0
+
+
+def test_resume_on_another_layout_warns_and_keeps_the_batch_count(uneven: str) -> None:
+    first = _dm(uneven, num_workers=0, batch_size=3)
+    _run(first, stop=4)
+    resumed = _dm(uneven, num_workers=2, batch_size=3)
+    resumed.load_state_dict(first.state_dict())
+    with pytest.warns(UserWarning, match="approximated"):
+        rest = _run(resumed)
+    assert len(rest) == 21 - 4
+
+
+def test_validation_reads_each_sample_once_across_ranks(even: str) -> None:
+    seen = []
+    for rank in range(2):
+        dm = _dm(even, val_shards=even, rank=rank, world_size=2, num_workers=2, batch_size=5)
+        for images, tokens, info in dm.val_dataloader():
+            assert images.shape[1:] == (3, 32, 32) and tokens.shape[0] == images.shape[0]
+            seen.extend(info["keys"])
+    assert len(seen) == 32 and len(set(seen)) == 32
+
+
+def test_default_tokenizer_is_clips(even: str) -> None:
+    pytest.importorskip("clip_train.tokenizer")
+    dm = WebDatasetDataModule(even, batch_size=4, num_workers=0, image_size=32, shuffle_buffer=4)
+    _, tokens, _ = next(iter(dm.train_dataloader()))
+    assert tokens.shape == (4, 77) and tokens.dtype == torch.long
+    assert (tokens[:, 0] == 49406).all()  # <start_of_text>
+
+
+class _Recorder(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[list[str]] = []
+
+    def training_step(self, batch, batch_idx):
+        images, _, info = batch
+        self.seen.append(info["keys"])
+        return (self.weight * images.mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _fit(dm, max_steps: int, ckpt_in: Path | None = None, ckpt_out: Path | None = None) -> list[list[str]]:
+    module = _Recorder()
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_in)
+    if ckpt_out is not None:
+        trainer.save_checkpoint(ckpt_out)
+    return module.seen
+
+
+def test_lightning_checkpoint_holds_the_data_position(uneven: str, tmp_path: Path) -> None:
+    # Lightning fetches one batch ahead; the position must still be the batches actually trained on.
+    kw = {"num_workers": 2, "batch_size": 3}
+    uninterrupted = _fit(_dm(uneven, **kw), max_steps=25)
+    head = _fit(_dm(uneven, **kw), max_steps=5, ckpt_out=tmp_path / "mid.ckpt")
+    tail = _fit(_dm(uneven, **kw), max_steps=25, ckpt_in=tmp_path / "mid.ckpt")
+    assert len(uninterrupted) == 25
+    assert head + tail == uninterrupted
