@@ -103,3 +103,19 @@ def test_validation_shards_are_checked(tmp_path: Path) -> None:
     train = write_crawler_shards(tmp_path / "train", [8, 8])
     with pytest.raises(ShardError, match="validation shard"):
         _dm(train, val_shards=str(tmp_path / "val" / "shard-{000000..000001}.tar")).setup()
+
+
+def test_a_folder_with_a_manifest_stands_for_its_shards(tmp_path):
+    (tmp_path / "manifest.json").write_text(
+        '{"shards": [{"name": "shard-000000.tar", "num_samples": 3}, '
+        '{"name": "shard-000001.tar", "num_samples": 2}], "num_samples": 5}'
+    )
+    assert expand_urls(str(tmp_path)) == [
+        str(tmp_path / "shard-000000.tar"),
+        str(tmp_path / "shard-000001.tar"),
+    ]
+
+
+def test_a_folder_without_a_manifest_is_refused(tmp_path):
+    with pytest.raises(ShardError, match=r"without a manifest\.json"):
+        expand_urls(str(tmp_path))

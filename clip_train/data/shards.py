@@ -46,14 +46,19 @@ class ShardSource:
 def expand_urls(spec: str | Sequence[str]) -> list[str]:
     """Brace-expand a shard spec: "dir/shard-{000000..000012}.tar", or a list of such strings.
 
-    Order is kept and duplicates raise (a shard listed twice would be read twice per epoch).
+    A local folder holding a manifest.json stands for every shard the manifest lists. Order is kept and
+    duplicates raise (a shard listed twice would be read twice per epoch).
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for s in specs:
         if not isinstance(s, str):
             raise ShardError(f"shard spec entries must be strings, got {type(s).__name__}: {s!r}")
-        urls.extend(braceexpand.braceexpand(s.strip()))
+        s = s.strip()
+        if is_local(s) and local_path(s).is_dir():
+            urls.extend(_manifest_urls(local_path(s)))
+        else:
+            urls.extend(braceexpand.braceexpand(s))
     seen: set[str] = set()
     dup = [u for u in urls if u in seen or seen.add(u)]
     if dup:
@@ -61,6 +66,16 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
             f"shard list names {len(dup)} shard(s) twice, e.g. {dup[0]!r}: fix the brace pattern"
         )
     return urls
+
+
+def _manifest_urls(folder: Path) -> list[str]:
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        raise ShardError(
+            f"{folder} is a folder without a {MANIFEST_NAME}; pass a brace pattern such as "
+            f"'{folder}/shard-{{000000..000099}}.tar' instead"
+        )
+    return [str(folder / name) for name in read_manifest(manifest)]
 
 
 def parse_sources(spec: str | Sequence[str] | Sequence[dict]) -> list[ShardSource]:
