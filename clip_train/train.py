@@ -16,6 +16,7 @@ import math
 import os
 import traceback
 import uuid
+import warnings
 from pathlib import Path
 
 import hydra
@@ -54,6 +55,12 @@ def _run_id(run_dir: str) -> str:
     return run_id
 
 
+# Lightning's notes that do not apply here: checkpoints are taken after the optimiser step on purpose
+# (the state of step N), and the data position is resumed by the data module's own state_dict.
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
 for _name, _fn in (("wandb_offline", _wandb_offline), ("run_id", _run_id)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn, use_cache=True)
@@ -91,8 +98,7 @@ def check_hardware(cfg: DictConfig) -> None:
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if (needs_cuda or accelerator in ("gpu", "cuda")) and not torch.cuda.is_available():
         raise ConfigError(
-            f"trainer {HydraConfig.get().runtime.choices.get('trainer', '?')!r} "
-            f"(strategy {target or strategy}, accelerator {accelerator}) needs CUDA, "
+            f"the trainer config (strategy {target or strategy}, accelerator {accelerator}) needs CUDA, "
             "but torch sees no GPU here; use trainer=cpu or trainer=ddp_cpu on this machine"
         )
 
