@@ -104,8 +104,24 @@ def check_hardware(cfg: DictConfig) -> None:
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    last = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if cfg.resume and last.exists() else None
+    """The newest of last.ckpt and the checkpoints Lightning's SLURM plugin writes when a job is preempted
+    (hpc_ckpt_N.ckpt in the run directory), or None for a fresh start."""
+    if not cfg.resume:
+        return None
+    run_dir = Path(cfg.paths.run_dir)
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+
+
+def check_demo_shards(cfg: DictConfig) -> None:
+    """The default config trains on the demo's shards; without them, say in one line how to make them."""
+    shards = cfg.data.get("train_shards")
+    if isinstance(shards, str) and shards.rstrip("/").endswith("demo/shards") and not Path(shards).is_dir():
+        raise ConfigError(
+            f"no demo shards in {shards}: run `make demo` to generate and crawl them, "
+            "or train on your own with data=webdataset data.train_shards='/path/shard-{000000..000099}.tar'"
+        )
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -114,6 +130,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     Returns the final logged metrics (a sweep optimises one of them)."""
     check_hardware(cfg)
+    check_demo_shards(cfg)
     world = world_size(cfg.trainer)
     batch_size = per_rank_batch_size(int(cfg.global_batch_size), world)
     if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= batch_size:

@@ -228,3 +228,20 @@ def test_two_cpu_processes_train_with_ddp(tmp_path):
     losses = [m["train/loss"] for _, m in sorted(metrics.items()) if "train/loss" in m]
     assert len(losses) == 96 // 16
     assert (tmp_path / "runs/ddp/checkpoints/last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_job_does_not_end_a_sweep_run_by_the_submitit_launcher(tmp_path):
+    """A 2-job sweep through Hydra's submitit launcher (its local executor stands in for SLURM): the job
+    with an invalid micro-batch fails and records why; the other trains and checkpoints."""
+    shards = write_crawler_shards(tmp_path / "shards", [16, 16], image_size=40)
+    common = [a for a in _common(shards, tmp_path) if not a.startswith("trainer.max_epochs")]
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *common,
+            "trainer.max_steps=2", "data.num_workers=1", "micro_batch_size=0,4", "run_name=sweep"]  # fmt: skip
+    proc = _run(args, cwd=tmp_path)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    failed, succeeded = tmp_path / "runs/sweep-sweep/0", tmp_path / "runs/sweep-sweep/1"  # by job number
+    assert "micro_batch_size=0 must lie in" in (failed / "error.txt").read_text()
+    assert (succeeded / "checkpoints/last.ckpt").is_file()
+    assert not (succeeded / "error.txt").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
@@ -108,6 +109,17 @@ class CLIPTrainingModule(pl.LightningModule):
                 "use trainer.precision=bf16-mixed"
             )
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The architecture travels with the weights, so evaluation and export can rebuild the model from
+        # the checkpoint alone (clip_train.checkpoints.load_model).
+        from clip_train.checkpoints import clip_config_to_dict
+
+        checkpoint["clip_config"] = clip_config_to_dict(getattr(self.model, "_orig_mod", self.model).config)
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+
     # ------------------------------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -127,7 +139,7 @@ class CLIPTrainingModule(pl.LightningModule):
                 tokens,
                 self.micro_batch_size,
                 backward=self.manual_backward,
-                no_sync=self.trainer.strategy.block_backward_sync,
+                no_sync=getattr(self.trainer.strategy, "block_backward_sync", nullcontext),
             )
         else:
             encoded = self.model(images, tokens)
@@ -193,5 +205,8 @@ class CLIPTrainingModule(pl.LightningModule):
             "train/samples_per_second": torch.tensor(local_batch * world / max(elapsed, 1e-9)),
             "train/data_wait_seconds": torch.tensor(self._data_wait),
         }
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "corrupt_samples"):
+            metrics["train/corrupt_samples_skipped"] = torch.tensor(float(datamodule.corrupt_samples))
         self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=True)
         self.log("loss", output.loss.detach(), prog_bar=True, logger=False, rank_zero_only=True)
