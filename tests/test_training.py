@@ -236,8 +236,8 @@ def test_a_failed_job_does_not_end_a_sweep_run_by_the_submitit_launcher(tmp_path
     with an invalid micro-batch fails and records why; the other trains and checkpoints."""
     shards = write_crawler_shards(tmp_path / "shards", [16, 16], image_size=40)
     common = [a for a in _common(shards, tmp_path) if not a.startswith("trainer.max_epochs")]
-    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *common,
-            "trainer.max_steps=2", "data.num_workers=1", "micro_batch_size=0,4", "run_name=sweep"]  # fmt: skip
+    sweep = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "micro_batch_size=0,4"]
+    args = [*sweep, *common, "trainer.max_steps=2", "data.num_workers=1", "run_name=sweep"]
     proc = _run(args, cwd=tmp_path)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out
