@@ -1,0 +1,174 @@
+"""CLI: `python -m data_pipelines.download INPUT OUTPUT [options]` (see --help and README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from data_pipelines.download.fetch import DEFAULT_USER_AGENT, FetchConfig
+from data_pipelines.download.images import ENCODE_FORMATS, RESAMPLE_FILTERS, RESIZE_MODES, ImageConfig
+from data_pipelines.download.plan import InputError
+from data_pipelines.download.runner import DownloadConfig, run_download
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_pipelines.download",
+        description=(
+            "Download the images of a URL/text table into WebDataset shards (shard-000000.tar ... with a "
+            "stats JSON and a per-row status parquet beside each, and manifest.json). Rerun the same command "
+            "to resume after a crash or kill; add --retry-failed to re-fetch only the rows that failed."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("input", help="table of URLs and texts: a parquet/CSV/JSONL file or a folder of them")
+    p.add_argument("output", help="output folder for the shards (created; reused to resume)")
+    g = p.add_argument_group("input and shards")
+    g.add_argument("--url-col", default="url", help="column holding the image URL")
+    g.add_argument("--text-col", default="text", help="column holding the caption")
+    g.add_argument("--samples-per-shard", type=int, default=10_000, help="input rows per shard")
+    g = p.add_argument_group("images")
+    g.add_argument("--image-size", type=int, default=256, help="output size in pixels")
+    g.add_argument(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default="center_crop",
+        help="longest: longest side = size; center_crop: short side = size, then crop; "
+        "border: longest side = size, padded to a square; none: keep the size",
+    )
+    g.add_argument(
+        "--resample",
+        choices=sorted(RESAMPLE_FILTERS),
+        default="bilinear",
+        help="resampling filter (all antialiased when downscaling)",
+    )
+    g.add_argument("--format", choices=sorted(ENCODE_FORMATS), default="jpg", help="re-encoding format")
+    g.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (1-100)")
+    g.add_argument("--min-size", type=int, default=0, help="drop images whose shorter side is smaller")
+    g.add_argument(
+        "--max-aspect-ratio", type=float, default=math.inf, help="drop images longer/shorter above"
+    )
+    g.add_argument(
+        "--max-pixels", type=int, default=89_478_485, help="decompression-bomb limit (width*height)"
+    )
+    g = p.add_argument_group("network")
+    g.add_argument(
+        "--user-agent",
+        default=DEFAULT_USER_AGENT,
+        help="User-Agent header; its first token is the name robots.txt and X-Robots-Tag rules use",
+    )
+    g.add_argument("--concurrency", type=int, default=64, help="requests in flight per process")
+    g.add_argument("--per-host", type=int, default=16, help="connections per host per process")
+    g.add_argument("--connect-timeout", type=float, default=5.0, help="seconds")
+    g.add_argument("--read-timeout", type=float, default=10.0, help="seconds without any byte arriving")
+    g.add_argument(
+        "--total-timeout", type=float, default=30.0, help="seconds per attempt, redirects included"
+    )
+    g.add_argument("--retries", type=int, default=2, help="extra attempts after a transient failure")
+    g.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds (doubles)")
+    g.add_argument("--max-redirects", type=int, default=5)
+    g.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024, help="largest body accepted")
+    g.add_argument(
+        "--allow-private-addresses",
+        action="store_true",
+        help="also fetch from hosts resolving to private/loopback/link-local addresses "
+        "(tests and intranet mirrors only)",
+    )
+    g = p.add_argument_group("execution")
+    g.add_argument("--processes", type=int, default=1, help="worker processes (per SLURM task with --slurm)")
+    g.add_argument("--threads", type=int, default=4, help="image-processing threads per process")
+    g.add_argument("--shards-in-flight", type=int, default=2, help="shards open at a time per process")
+    g.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also re-fetch the failed rows of finished shards (e.g. after a server recovered)",
+    )
+    g.add_argument(
+        "--retry-statuses",
+        default="",
+        help="comma list of statuses to retry (default: every failure except duplicates)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("SLURM (submitit)")
+    g.add_argument("--slurm", action="store_true", help="run as a SLURM job array through submitit")
+    g.add_argument("--slurm-array-size", type=int, default=1, help="array tasks; shards are split over them")
+    g.add_argument("--slurm-partition", default=None)
+    g.add_argument("--slurm-time-min", type=int, default=24 * 60, help="time limit per task in minutes")
+    g.add_argument(
+        "--submitit-local",
+        action="store_true",
+        help="use submitit's local executor instead of SLURM (for testing the array path)",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> DownloadConfig:
+    fetch = FetchConfig(
+        user_agent=args.user_agent,
+        concurrency=args.concurrency,
+        per_host=args.per_host,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        total_timeout=args.total_timeout,
+        retries=args.retries,
+        backoff=args.backoff,
+        max_redirects=args.max_redirects,
+        max_bytes=args.max_bytes,
+        allow_private_addresses=args.allow_private_addresses,
+    )
+    image = ImageConfig(
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        encode_format=args.format,
+        quality=args.quality,
+        min_size=args.min_size,
+        max_aspect_ratio=args.max_aspect_ratio,
+        max_pixels=args.max_pixels,
+        resample=args.resample,
+    )
+    statuses = tuple(s.strip() for s in args.retry_statuses.split(",") if s.strip())
+    return DownloadConfig(
+        input=args.input,
+        output=args.output,
+        url_col=args.url_col,
+        text_col=args.text_col,
+        samples_per_shard=args.samples_per_shard,
+        fetch=fetch,
+        image=image,
+        processes=args.processes,
+        threads=args.threads,
+        shards_in_flight=args.shards_in_flight,
+        retry_failed=args.retry_failed or bool(statuses),
+        retry_statuses=statuses,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    submitit_options = None
+    if args.slurm or args.submitit_local:
+        submitit_options = {"array_size": args.slurm_array_size, "timeout_min": args.slurm_time_min}
+        if args.submitit_local:
+            submitit_options["cluster"] = "local"
+        elif args.slurm_partition:
+            submitit_options["slurm_partition"] = args.slurm_partition
+    try:
+        summary = run_download(config, progress=not args.no_progress, submitit_options=submitit_options)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.status_counts.items(), key=lambda kv: -kv[1]))
+    if counts:
+        print(f"statuses over the whole output: {counts}")
+    print(summary.line())
+    return 0 if not summary.incomplete_shards else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The input table and how its rows are split into shards; what a rerun still has to do.
+
+Shard i holds input rows [i * samples_per_shard, (i + 1) * samples_per_shard), in input order, and a row's
+key is its zero-padded global row number. Both follow from the input alone, so any process, on any
+machine, at any later time, writes the same sample under the same key into the same shard: that is what
+makes resume, retry and SLURM arrays safe without coordination.
+
+The plan (`_plan/plan.json`) and a copy of the rows (`_plan/rows.parquet`, only the columns we use) are
+written once, before any download. A rerun checks that the input and every setting that changes shard
+bytes are the same, then finds the work left: shards whose stats file (the commit marker) is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from data_pipelines.download.shard_writer import read_stats, shard_paths
+
+# Columns of the balanced candidate table (part 1) that are carried into each sample's JSON when present.
+OPTIONAL_COLUMNS = ("query", "matched_queries", "source")
+_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+PLAN_DIR = "_plan"
+
+
+class InputError(ValueError):
+    """The input table cannot be used as given; the message says what to fix."""
+
+
+def _input_files(path: Path) -> tuple[list[Path], str]:
+    if not path.exists():
+        raise InputError(f"input {path} does not exist")
+    if path.is_file():
+        fmt = _FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise InputError(f"input {path}: unknown format {path.suffix!r}; use one of {sorted(_FORMATS)}")
+        return [path], fmt
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in _FORMATS and not p.name.startswith(("_", "."))
+    )
+    if not files:
+        raise InputError(f"input folder {path} holds no {'/'.join(sorted(_FORMATS))} files")
+    formats = {_FORMATS[p.suffix.lower()] for p in files}
+    if len(formats) > 1:
+        raise InputError(f"input folder {path} mixes formats {sorted(formats)}; keep one format per folder")
+    return files, formats.pop()
+
+
+def read_input(path: str | os.PathLike, url_col: str = "url", text_col: str = "text") -> pa.Table:
+    """The input rows as a table with columns url, text and any of OPTIONAL_COLUMNS present.
+
+    Reads parquet, CSV or JSONL, one file or a folder of them (files in sorted path order, which fixes
+    the row order). Raises InputError for a missing path or a missing column, before any work starts.
+    """
+    files, fmt = _input_files(Path(path))
+    try:
+        dataset = ds.dataset([str(f) for f in files], format=fmt)
+        names = dataset.schema.names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"cannot read {path} as {fmt}: {e}") from e
+    missing = [c for c in (url_col, text_col) if c not in names]
+    if missing:
+        raise InputError(
+            f"input {path} has no column {' or '.join(map(repr, missing))}; its columns are {names}. "
+            "Name the right ones with --url-col / --text-col."
+        )
+    extra = [c for c in OPTIONAL_COLUMNS if c in names and c not in (url_col, text_col)]
+    try:
+        table = dataset.to_table(columns=[url_col, text_col, *extra])
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"cannot read {path} as {fmt}: {e}") from e
+    url = pc.cast(table.column(url_col), pa.string())
+    text = pc.fill_null(pc.cast(table.column(text_col), pa.string()), "")
+    columns = {"url": url, "text": text}
+    for c in extra:
+        col = table.column(c)
+        if (c == "matched_queries" and not pa.types.is_list(col.type)) or c != "matched_queries":
+            col = pc.cast(col, pa.string())
+        columns[c] = col
+    return pa.table(columns)
+
+
+def _fingerprint(table: pa.Table) -> str:
+    h = hashlib.sha256(str(table.num_rows).encode())
+    for chunk in table.column("url").chunks:
+        for buf in chunk.buffers():
+            if buf is not None:
+                h.update(memoryview(buf))
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the input is split; `settings` are those that change shard bytes (a rerun must match them)."""
+
+    out_dir: str
+    input: str
+    num_rows: int
+    samples_per_shard: int
+    fingerprint: str
+    settings: dict
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, math.ceil(self.num_rows / self.samples_per_shard))
+
+    @property
+    def key_width(self) -> int:
+        return max(9, len(str(max(self.num_rows - 1, 0))))
+
+    def key(self, row: int) -> str:
+        return f"{row:0{self.key_width}d}"
+
+    @property
+    def rows_path(self) -> Path:
+        return Path(self.out_dir) / PLAN_DIR / "rows.parquet"
+
+    def shard_rows(self, index: int) -> list[dict]:
+        """Input rows of shard `index` as dicts with a `row` field (global row number)."""
+        start = index * self.samples_per_shard
+        table = pq.read_table(
+            self.rows_path,
+            filters=[("row", ">=", start), ("row", "<", start + self.samples_per_shard)],
+        )
+        return sorted(table.to_pylist(), key=lambda r: r["row"])
+
+    def complete_shards(self) -> list[int]:
+        return [i for i in range(self.num_shards) if read_stats(Path(self.out_dir), i) is not None]
+
+    def pending_shards(self) -> list[int]:
+        """Shards with no valid stats file: never started, interrupted, or left inconsistent."""
+        return [i for i in range(self.num_shards) if read_stats(Path(self.out_dir), i) is None]
+
+    def failed_rows(self, index: int, statuses: frozenset[str] | None) -> list[int]:
+        """Row numbers of a finished shard whose status is a failure (in `statuses`, if given)."""
+        _, parquet_path, _ = shard_paths(Path(self.out_dir), index)
+        table = pq.read_table(parquet_path, columns=["row", "status"])
+        return [
+            r["row"]
+            for r in table.to_pylist()
+            if r["status"] not in ("success", "duplicate") and (statuses is None or r["status"] in statuses)
+        ]
+
+
+def make_plan(
+    input_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    url_col: str = "url",
+    text_col: str = "text",
+    samples_per_shard: int = 10_000,
+    settings: dict | None = None,
+) -> Plan:
+    """Read the input, then create the plan in out_dir or check it against the one already there."""
+    if samples_per_shard < 1:
+        raise InputError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    table = read_input(input_path, url_col, text_col)
+    out = Path(out_dir)
+    plan = Plan(
+        out_dir=str(out),
+        input=str(Path(input_path).resolve()),
+        num_rows=table.num_rows,
+        samples_per_shard=samples_per_shard,
+        fingerprint=_fingerprint(table),
+        settings=json.loads(json.dumps(settings or {})),
+    )
+    plan_path = out / PLAN_DIR / "plan.json"
+    if plan_path.is_file():
+        old = json.loads(plan_path.read_text())
+        differs = [
+            k
+            for k in ("num_rows", "samples_per_shard", "fingerprint", "settings")
+            if old.get(k) != asdict(plan)[k]
+        ]
+        if differs:
+            raise InputError(
+                f"{out} already holds a download of a different input or with different settings "
+                f"({', '.join(differs)} changed): resume needs the same input and settings; use a new "
+                "output folder for a new download."
+            )
+        if plan.rows_path.is_file():
+            return plan
+    (out / PLAN_DIR).mkdir(parents=True, exist_ok=True)
+    rows = table.add_column(0, "row", pa.array(range(table.num_rows), pa.int64()))
+    tmp = plan.rows_path.with_name(f".rows.{os.getpid()}.tmp")
+    pq.write_table(rows, tmp, row_group_size=max(1, min(samples_per_shard, 100_000)))
+    os.replace(tmp, plan.rows_path)
+    tmp = plan_path.with_name(f".plan.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(plan), indent=1))
+    os.replace(tmp, plan_path)
+    return plan

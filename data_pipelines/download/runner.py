@@ -1,0 +1,575 @@
+"""Running a download: the per-process asyncio pipeline, local worker processes, SLURM arrays (submitit).
+
+Inside a process: one event loop and one aiohttp session fetch up to `concurrency` URLs at once; each
+fetched body is decoded, resized and re-encoded in a thread pool while its request slot is still held (so
+at most `concurrency` images are in memory); `shards_in_flight` shards are open at a time so the network
+stays busy while a shard's last slow URLs finish. A shard is written only when all its rows have an
+outcome, with samples in input-row order, so its bytes do not depend on the order responses arrived in.
+
+Across processes: shards are handed out from a shared counter (local) or split round-robin over array
+tasks (SLURM); every shard is independent, so any split gives the same output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import multiprocessing as mp
+import os
+import queue as queue_module
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from data_pipelines.download.fetch import OK, FetchConfig, Fetcher
+from data_pipelines.download.images import ImageConfig, ImageRejected, ProcessedImage, process_image
+from data_pipelines.download.plan import Plan, make_plan
+from data_pipelines.download.shard_writer import (
+    Sample,
+    read_samples,
+    shard_paths,
+    shard_stem,
+    write_manifest,
+    write_shard,
+)
+
+DUPLICATE = "duplicate"
+ProgressFn = Callable[[int, int], None]  # (rows finished, of which successes) since the last call
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Everything a download needs; picklable, so it travels to worker processes and SLURM tasks."""
+
+    input: str
+    output: str
+    url_col: str = "url"
+    text_col: str = "text"
+    samples_per_shard: int = 10_000
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    processes: int = 1
+    threads: int = 4  # image-processing threads per process
+    shards_in_flight: int = 2
+    retry_failed: bool = False
+    retry_statuses: tuple[str, ...] = ()  # empty: every failure except duplicates
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to (re)write; `rows` set means retry: only those rows are fetched again."""
+
+    index: int
+    rows: tuple[int, ...] | None = None
+
+
+@dataclass
+class Summary:
+    """What a run did: `rows` and `successes` are this run's work; the rest describes the whole output."""
+
+    shards_written: int
+    rows: int
+    successes: int
+    seconds: float
+    status_counts: dict[str, int]
+    total_samples: int | None
+    output: str
+    incomplete_shards: list[int]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.successes / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        done = (
+            f"{self.total_samples} samples in the output"
+            if self.total_samples is not None
+            else f"{len(self.incomplete_shards)} shard(s) still incomplete: rerun the same command to resume"
+        )
+        return (
+            f"downloaded {self.successes}/{self.rows} rows into {self.shards_written} shard(s) in "
+            f"{self.seconds:.1f} s ({self.images_per_second:.0f} images/s); {done}; output: {self.output}"
+        )
+
+
+def content_settings(config: DownloadConfig) -> dict:
+    """The settings that change shard bytes; a resume must use the same ones."""
+    return {"url_col": config.url_col, "text_col": config.text_col, "image": asdict(config.image)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One process
+
+
+def _row_record(plan: Plan, row: dict, **fields: object) -> dict:
+    record = {
+        "row": row["row"],
+        "key": plan.key(row["row"]),
+        "url": row["url"],
+        "text": row["text"],
+        "status": OK,
+        "error": "",
+        "http_status": None,
+        "attempts": 0,
+        "source_sha256": None,
+        "sha256": None,
+        "original_width": None,
+        "original_height": None,
+        "width": None,
+        "height": None,
+    }
+    record.update(fields)
+    return record
+
+
+def _sample_meta(plan: Plan, row: dict, record: dict) -> dict:
+    meta = {
+        "key": record["key"],
+        "url": row["url"],
+        "text": row["text"],
+        "original_width": record["original_width"],
+        "original_height": record["original_height"],
+        "width": record["width"],
+        "height": record["height"],
+        "sha256": record["sha256"],
+        "source_sha256": record["source_sha256"],
+    }
+    for c in ("query", "matched_queries", "source"):
+        if c in row:
+            meta[c] = row[c]
+    return meta
+
+
+def _hash_and_process(data: bytes, config: ImageConfig) -> tuple[str, ProcessedImage | ImageRejected, str]:
+    """(sha256 of the downloaded bytes, the processed image or the rejection, sha256 of the stored bytes)."""
+    source_sha = hashlib.sha256(data).hexdigest()
+    try:
+        image = process_image(data, config)
+    except ImageRejected as e:
+        return source_sha, e, ""
+    return source_sha, image, hashlib.sha256(image.data).hexdigest()
+
+
+class _ShardWorker:
+    """The asyncio pipeline of one process."""
+
+    def __init__(self, config: DownloadConfig, plan: Plan, progress: ProgressFn) -> None:
+        self.config = config
+        self.plan = plan
+        self.progress = progress
+        self.out_dir = Path(plan.out_dir)
+
+    async def run(self, jobs: Iterator[ShardJob]) -> list[dict]:
+        c = self.config
+        self.loop = asyncio.get_running_loop()
+        self.pool = ThreadPoolExecutor(max(1, c.threads), thread_name_prefix="image")
+        self.slots = asyncio.Semaphore(c.fetch.concurrency)
+        written: list[dict] = []
+        try:
+            async with Fetcher(c.fetch) as self.fetcher:
+
+                async def lane() -> None:
+                    for job in jobs:  # the iterator is shared: each lane takes the next job
+                        written.append(await self._shard(job))
+
+                await asyncio.gather(*(lane() for _ in range(max(1, c.shards_in_flight))))
+        finally:
+            self.pool.shutdown(wait=True)
+        return written
+
+    async def _one(self, row: dict) -> tuple[dict, Sample | None]:
+        """Fetch and process one row -> (its status record, its sample or None)."""
+        url = row["url"]
+        if not url:
+            return _row_record(self.plan, row, status="bad_url", error="empty URL"), None
+        async with self.slots:
+            fetched = await self.fetcher.fetch(url)
+            if fetched.status != OK:
+                record = _row_record(
+                    self.plan,
+                    row,
+                    status=fetched.status,
+                    error=fetched.reason,
+                    http_status=fetched.http_status,
+                    attempts=fetched.attempts,
+                )
+                return record, None
+            data = fetched.data
+            assert data is not None
+            # Hashing and image work both run in the pool: the event loop thread only does network I/O.
+            source_sha, image, image_sha = await self.loop.run_in_executor(
+                self.pool, _hash_and_process, data, self.config.image
+            )
+            if isinstance(image, ImageRejected):
+                record = _row_record(
+                    self.plan,
+                    row,
+                    status=image.status,
+                    error=image.reason,
+                    http_status=200,
+                    attempts=fetched.attempts,
+                    source_sha256=source_sha,
+                )
+                return record, None
+        record = _row_record(
+            self.plan,
+            row,
+            http_status=200,
+            attempts=fetched.attempts,
+            source_sha256=source_sha,
+            sha256=image_sha,
+            original_width=image.original_width,
+            original_height=image.original_height,
+            width=image.width,
+            height=image.height,
+        )
+        sample = Sample(
+            record["key"],
+            image.data,
+            self.config.image.encode_format,
+            row["text"],
+            _sample_meta(self.plan, row, record),
+        )
+        return record, sample
+
+    async def _tracked(self, row: dict) -> tuple[dict, Sample | None]:
+        try:
+            record, sample = await self._one(row)
+        except Exception as e:
+            record = _row_record(self.plan, row, status="error", error=f"{type(e).__name__}: {e}")
+            sample = None
+        self.progress(1, int(sample is not None))
+        return record, sample
+
+    async def _shard(self, job: ShardJob) -> dict:
+        start = time.monotonic()
+        all_rows = await self.loop.run_in_executor(self.pool, self.plan.shard_rows, job.index)
+        previous: dict[int, dict] = {}
+        kept: dict[str, Sample] = {}
+        if job.rows is not None:  # retry: keep every finished row, fetch only the failed ones again
+            tar_path, parquet_path, _ = shard_paths(self.out_dir, job.index)
+            previous = {r["row"]: r for r in pq.read_table(parquet_path).to_pylist()}
+            kept = await self.loop.run_in_executor(self.pool, read_samples, tar_path)
+            wanted = set(job.rows)
+            todo = [r for r in all_rows if r["row"] in wanted]
+        else:
+            todo = all_rows
+        outcomes = await asyncio.gather(*(self._tracked(r) for r in todo))
+        fresh = {record["row"]: (record, sample) for record, sample in outcomes}
+
+        # Duplicates are decided here, in row order, so the choice does not depend on response timing.
+        seen: dict[str, int] = {
+            r["source_sha256"]: r["row"]
+            for r in previous.values()
+            if r["status"] == OK and r["source_sha256"]
+        }
+        records, samples = [], []
+        for row in all_rows:
+            n = row["row"]
+            if n not in fresh:
+                record = previous[n]
+                records.append(record)
+                if record["status"] == OK:
+                    samples.append(kept[record["key"]])
+                continue
+            record, sample = fresh[n]
+            if sample is not None:
+                first = seen.setdefault(record["source_sha256"], n)
+                if first != n:
+                    record = {**record, "status": DUPLICATE, "error": f"same image bytes as row {first}"}
+                    record.update(sha256=None, width=None, height=None)
+                    sample = None
+            records.append(record)
+            if sample is not None:
+                samples.append(sample)
+        stats = {"seconds": round(time.monotonic() - start, 3), "retried_rows": len(todo) if previous else 0}
+        return await self.loop.run_in_executor(
+            self.pool, write_shard, self.out_dir, job.index, samples, records, stats
+        )
+
+
+def run_jobs(
+    config: DownloadConfig, plan: Plan, jobs: Iterator[ShardJob], progress: ProgressFn
+) -> list[dict]:
+    """Run shard jobs in this process (blocking); returns the stats of the shards written."""
+    return asyncio.run(_ShardWorker(config, plan, progress).run(jobs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deciding the work
+
+
+def plan_jobs(config: DownloadConfig, plan: Plan) -> list[ShardJob]:
+    """Unfinished shards; in retry mode also the finished shards' failed rows."""
+    jobs = [ShardJob(i) for i in plan.pending_shards()]
+    if config.retry_failed:
+        statuses = frozenset(config.retry_statuses) if config.retry_statuses else None
+        for i in plan.complete_shards():
+            rows = plan.failed_rows(i, statuses)
+            if rows:
+                jobs.append(ShardJob(i, tuple(rows)))
+        jobs.sort(key=lambda j: j.index)
+    return jobs
+
+
+def _job_rows(plan: Plan, job: ShardJob) -> int:
+    if job.rows is not None:
+        return len(job.rows)
+    return min(plan.samples_per_shard, plan.num_rows - job.index * plan.samples_per_shard)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Local processes
+
+
+def _worker_main(config: DownloadConfig, plan: Plan, jobs: Sequence[ShardJob], counter, queue) -> None:
+    """Entry of a local worker process: takes jobs from the shared counter, reports progress on queue."""
+    parent = os.getppid()
+    pending = [0, 0]
+    last = [time.monotonic()]
+
+    def progress(done: int, ok: int) -> None:
+        pending[0] += done
+        pending[1] += ok
+        now = time.monotonic()
+        if now - last[0] > 0.3:
+            if os.getppid() != parent:  # the parent was killed: stop rather than run on as an orphan
+                os._exit(1)
+            queue.put(("progress", pending[0], pending[1]))
+            pending[0] = pending[1] = 0
+            last[0] = now
+
+    def next_jobs() -> Iterator[ShardJob]:
+        while True:
+            with counter.get_lock():
+                i = counter.value
+                counter.value += 1
+            if i >= len(jobs):
+                return
+            yield jobs[i]
+
+    try:
+        stats = run_jobs(config, plan, next_jobs(), progress)
+        queue.put(("progress", pending[0], pending[1]))
+        queue.put(("done", len(stats), None))
+    except BaseException:
+        queue.put(("error", 0, traceback.format_exc()))
+        raise
+
+
+class _Bar:
+    """tqdm with images/s and the success rate; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        self.done = self.ok = 0
+        self.start = time.monotonic()
+        self.last_postfix = 0.0
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+
+    def update(self, done: int, ok: int) -> None:
+        self.done += done
+        self.ok += ok
+        if self.bar is not None:
+            self.bar.update(done)
+            now = time.monotonic()
+            if now - self.last_postfix > 0.5:
+                self.last_postfix = now
+                rate = self.ok / max(now - self.start, 1e-9)
+                self.bar.set_postfix_str(
+                    f"{rate:.0f} img/s, ok {self.ok / max(self.done, 1):.1%}", refresh=False
+                )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_local(config: DownloadConfig, plan: Plan, jobs: list[ShardJob], bar: _Bar) -> list[str]:
+    """Run jobs in this process (processes == 1) or in spawned worker processes; returns worker errors."""
+    if config.processes <= 1 or len(jobs) <= 1:
+        run_jobs(config, plan, iter(jobs), bar.update)
+        return []
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("l", 0)
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker_main, args=(config, plan, jobs, counter, queue), daemon=True)
+        for _ in range(min(config.processes, len(jobs)))
+    ]
+    for p in procs:
+        p.start()
+    errors: list[str] = []
+    finished = 0
+    while finished < len(procs):
+        try:
+            kind, a, b = queue.get(timeout=0.5)
+        except queue_module.Empty:
+            if not any(p.is_alive() for p in procs):  # e.g. killed by the OOM killer: nothing more comes
+                errors.extend(f"worker {p.pid} exited with code {p.exitcode}" for p in procs if p.exitcode)
+                break
+            continue
+        if kind == "progress":
+            bar.update(a, b)
+        else:
+            finished += 1
+            if kind == "error":
+                errors.append(str(b))
+    for p in procs:
+        p.join(timeout=10)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SLURM job arrays (submitit)
+
+
+def slurm_task(config: DownloadConfig, plan: Plan, jobs: Sequence[ShardJob]) -> int:
+    """Body of one array task: run its share of the jobs in local processes; returns rows finished."""
+    bar = _Bar(sum(_job_rows(plan, j) for j in jobs), enabled=False)
+    errors = _run_local(config, plan, list(jobs), bar)
+    if errors:
+        raise RuntimeError("download worker failed:\n" + "\n".join(errors))
+    return bar.done
+
+
+def _run_submitit(
+    config: DownloadConfig, plan: Plan, jobs: list[ShardJob], bar: _Bar, submitit_options: dict
+) -> list[str]:
+    import submitit
+
+    options = dict(submitit_options)
+    cluster = options.pop("cluster", None)  # None: SLURM when available; "local": the local executor
+    num_tasks = max(1, min(int(options.pop("array_size", 1)), len(jobs)))
+    folder = Path(plan.out_dir) / "_submitit"
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    options.setdefault("timeout_min", 24 * 60)
+    if cluster != "local":
+        options.setdefault("cpus_per_task", max(1, config.processes))
+    executor.update_parameters(**options)
+    splits = [jobs[t::num_tasks] for t in range(num_tasks)]
+    submitted = executor.map_array(slurm_task, [config] * num_tasks, [plan] * num_tasks, splits)
+    print(f"submitted {len(submitted)} array task(s): {submitted[0].job_id.split('_')[0]}; logs in {folder}")
+    errors = []
+    remaining = dict(enumerate(submitted))
+    while remaining:
+        for t, job in list(remaining.items()):
+            if job.done():
+                del remaining[t]
+                try:
+                    job.result()
+                except Exception as e:
+                    errors.append(f"array task {t}: {e}")
+                bar.update(sum(_job_rows(plan, j) for j in splits[t]), 0)
+        time.sleep(0.5)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole run
+
+
+def duplicates_across_shards(plan: Plan) -> int:
+    """Stored samples whose source bytes also appear in an earlier shard (kept: see README, duplicates)."""
+    seen: set[str] = set()
+    dup = 0
+    for i in range(plan.num_shards):
+        _, parquet_path, _ = shard_paths(Path(plan.out_dir), i)
+        table = pq.read_table(parquet_path, columns=["status", "source_sha256"])
+        hashes = {h for s, h in zip(*table.to_pydict().values()) if s == OK}
+        dup += len(hashes & seen)
+        seen |= hashes
+    return dup
+
+
+def run_download(
+    config: DownloadConfig,
+    *,
+    progress: bool = True,
+    submitit_options: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> Summary:
+    """Plan (or check the existing plan), run the remaining work, write the manifest when all is done."""
+    start = time.monotonic()
+    plan = make_plan(
+        config.input,
+        config.output,
+        url_col=config.url_col,
+        text_col=config.text_col,
+        samples_per_shard=config.samples_per_shard,
+        settings=content_settings(config),
+    )
+    jobs = plan_jobs(config, plan)
+    total_rows = sum(_job_rows(plan, j) for j in jobs)
+    done_before = plan.num_shards - len(plan.pending_shards())
+    how = "a SLURM array via submitit" if submitit_options else f"{max(1, config.processes)} process(es)"
+    log(
+        f"{plan.num_rows} input rows -> {plan.num_shards} shard(s) of {plan.samples_per_shard} rows "
+        f"in {plan.out_dir}; "
+        f"{done_before} already complete; now {len(jobs)} job(s), {total_rows} rows, on {how} "
+        f"(concurrency {config.fetch.concurrency}, {config.threads} image threads each)"
+    )
+    bar = _Bar(total_rows, enabled=progress and total_rows > 0)
+    try:
+        if not jobs:
+            errors: list[str] = []
+        elif submitit_options:
+            errors = _run_submitit(config, plan, jobs, bar, submitit_options)
+        else:
+            errors = _run_local(config, plan, jobs, bar)
+    finally:
+        bar.close()
+    for e in errors:
+        log(f"error: {e}")
+    incomplete = plan.pending_shards()
+    total = None
+    counts: Counter[str] = Counter()
+    if not incomplete:
+        manifest = write_manifest(
+            Path(plan.out_dir),
+            plan.num_shards,
+            extra={"duplicates_across_shards": duplicates_across_shards(plan), "input": plan.input},
+        )
+        total = manifest["num_samples"]
+        counts.update(manifest["status_counts"])
+    summary = Summary(
+        shards_written=len({j.index for j in jobs}) - len(set(incomplete) & {j.index for j in jobs}),
+        rows=bar.done if not submitit_options else total_rows,
+        successes=bar.ok,
+        seconds=time.monotonic() - start,
+        status_counts=dict(counts),
+        total_samples=total,
+        output=plan.out_dir,
+        incomplete_shards=incomplete,
+    )
+    if submitit_options:  # array tasks report no per-row progress: count from the shards' parquets
+        summary.successes = sum(
+            pq.read_table(shard_paths(Path(plan.out_dir), i)[1], columns=["status"])
+            .column("status")
+            .to_pylist()
+            .count(OK)
+            for i in {j.index for j in jobs} - set(incomplete)
+        )
+    return summary
+
+
+__all__ = [
+    "DownloadConfig",
+    "ShardJob",
+    "Summary",
+    "content_settings",
+    "plan_jobs",
+    "run_download",
+    "run_jobs",
+    "shard_stem",
+]

@@ -1,0 +1,139 @@
+"""The downloader's HTTP client against a loopback server with fault endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from download_support import TEST_USER_AGENT, FaultServer, jpeg_image
+
+from data_pipelines.download.fetch import (
+    FetchConfig,
+    Fetcher,
+    is_public_address,
+    opt_out_reason,
+    sniff_image,
+)
+
+
+def fast_config(**overrides: object) -> FetchConfig:
+    settings = dict(
+        user_agent=TEST_USER_AGENT,
+        connect_timeout=0.5,
+        read_timeout=0.5,
+        total_timeout=2.0,
+        retries=1,
+        backoff=0.05,
+        allow_private_addresses=True,
+    )
+    settings.update(overrides)
+    return FetchConfig(**settings)
+
+
+def fetch_all(config: FetchConfig, urls: list[str]) -> list:
+    async def run() -> list:
+        async with Fetcher(config) as fetcher:
+            return await asyncio.gather(*(fetcher.fetch(u) for u in urls))
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FaultServer() as s:
+        yield s
+
+
+def test_opt_out_header_forms() -> None:
+    token = "clipbot"
+    assert opt_out_reason(["noai"], token)
+    assert opt_out_reason(["noindex, NoImageAI"], token)
+    assert opt_out_reason(["clipbot: noai"], token)
+    assert opt_out_reason(["*: noimageai"], token)
+    assert opt_out_reason(["otherbot: noai"], token) is None
+    assert opt_out_reason(["noindex", "nofollow"], token) is None
+    assert opt_out_reason(["unavailable_after: 25 Jun 2030 15:00:00 PST"], token) is None
+
+
+def test_address_policy_and_magic_bytes() -> None:
+    for private in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.1",
+        "169.254.169.254",
+        "::1",
+        "fe80::1",
+        "::ffff:10.0.0.1",
+    ):
+        assert not is_public_address(private), private
+    assert is_public_address("93.184.216.34") and is_public_address("2606:4700::1111")
+    assert sniff_image(jpeg_image(0)[:16]) == "jpeg"
+    assert sniff_image(b"<!doctype html>") is None
+
+
+def test_fault_endpoints_get_their_reasons(server: FaultServer) -> None:
+    expected = {
+        "/img/1.jpg": "success",
+        "/png/1.png": "success",
+        "/redirect/3/2.jpg": "success",
+        "/optout/other-agent.jpg": "success",
+        "/status/404": "http_error",
+        "/status/500": "http_error",
+        "/slow-headers.jpg": "timeout",
+        "/drip.jpg": "timeout",
+        "/reset.jpg": "connection_error",
+        "/text.jpg": "bad_content_type",
+        "/html.jpg": "not_an_image",
+        "/redirect-loop.jpg": "too_many_redirects",
+        "/optout/noai.jpg": "opted_out",
+        "/optout/scoped.jpg": "opted_out",
+        "/optout/slow-body.jpg": "opted_out",
+        "/private/1.jpg": "robots_disallowed",
+    }
+    urls = [server.url(p) for p in expected] + [server.blackhole_url, "ftp://example.com/a.jpg"]
+    start = time.monotonic()
+    results = fetch_all(fast_config(), urls)
+    elapsed = time.monotonic() - start
+    got = {p: r.status for p, r in zip([*expected, "blackhole", "ftp"], results)}
+    assert got == {**expected, "blackhole": "timeout", "ftp": "bad_url"}
+    by_path = dict(zip([*expected, "blackhole", "ftp"], results))
+    assert by_path["/img/1.jpg"].data == jpeg_image(1)
+    # Transient failures are retried once, permanent ones are not.
+    assert by_path["/status/500"].attempts == 2 and by_path["/status/404"].attempts == 1
+    assert by_path["/reset.jpg"].attempts == 2 and by_path["blackhole"].attempts == 2
+    # Opt-out is decided on the headers: the never-ending body was not waited for, robots.txt was obeyed.
+    assert by_path["/optout/slow-body.jpg"].reason == "X-Robots-Tag: noai"
+    assert server.hits["/private/1.jpg"] == 0 and server.hits["/robots.txt"] == 1
+    # Everything (incl. retries with back-off) ends within a bound: total timeout x attempts + slack.
+    assert elapsed < 2 * 2.5 + 2
+
+
+def test_private_addresses_refused_by_default(server: FaultServer) -> None:
+    port = server.port
+    urls = [server.url("/img/1.jpg"), f"http://localhost:{port}/img/1.jpg", f"http://[::1]:{port}/img/1.jpg"]
+    before = server.hits["/img/1.jpg"]
+    results = fetch_all(fast_config(allow_private_addresses=False), urls)
+    assert [r.status for r in results] == ["blocked_address"] * 3
+    assert server.hits["/img/1.jpg"] == before  # never connected
+
+
+def test_body_size_limit(server: FaultServer) -> None:
+    (result,) = fetch_all(fast_config(max_bytes=500), [server.url("/img/1.jpg?w=300&h=300")])
+    assert result.status == "too_large"
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("redirect", "robots_disallowed"), ("503", "robots_disallowed")]
+)
+def test_robots_redirect_followed_and_5xx_disallows_all(
+    server: FaultServer, mode: str, expected: str
+) -> None:
+    server.httpd.robots_mode = mode
+    try:
+        private, public = fetch_all(fast_config(), [server.url("/private/9.jpg"), server.url("/img/9.jpg")])
+    finally:
+        server.httpd.robots_mode = ""
+    assert private.status == expected
+    # A redirected robots.txt still only disallows /private/; a failing one (5xx) disallows everything.
+    assert public.status == ("success" if mode == "redirect" else "robots_disallowed")

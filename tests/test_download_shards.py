@@ -1,0 +1,221 @@
+"""End to end: a table of good and faulty URLs -> shards, stats, per-row parquet and manifest."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from download_support import TEST_USER_AGENT, FaultServer, jpeg_image, write_img2dataset_shards
+
+from data_pipelines.download import DownloadConfig, FetchConfig, ImageConfig, InputError, run_download
+from data_pipelines.download.__main__ import main as cli_main
+
+GOOD = [f"/img/{i}.jpg" for i in range(12)] + ["/png/1.png", "/redirect/2/40.jpg", "/optout/other-agent.jpg"]
+BAD = {
+    "/status/404": "http_error",
+    "/status/500": "http_error",
+    "/slow-headers.jpg": "timeout",
+    "/drip.jpg": "timeout",
+    "/reset.jpg": "connection_error",
+    "/truncated.jpg": "decode_error",
+    "/corrupt.jpg": "decode_error",
+    "/text.jpg": "bad_content_type",
+    "/html.jpg": "not_an_image",
+    "/bomb.png": "decompression_bomb",
+    "/redirect-loop.jpg": "too_many_redirects",
+    "/optout/noai.jpg": "opted_out",
+    "/optout/scoped.jpg": "opted_out",
+    "/private/3.jpg": "robots_disallowed",
+    "/dup/4.jpg": "duplicate",  # same bytes as /img/4.jpg, an earlier row of the same shard
+}
+
+
+def fast_fetch(**overrides: object) -> FetchConfig:
+    settings = dict(
+        user_agent=TEST_USER_AGENT,
+        connect_timeout=0.5,
+        read_timeout=0.5,
+        total_timeout=2.0,
+        retries=1,
+        backoff=0.05,
+        allow_private_addresses=True,
+    )
+    settings.update(overrides)
+    return FetchConfig(**settings)
+
+
+def write_table(path: Path, urls: list, **extra: list) -> Path:
+    table = pa.table({"url": urls, "text": [f"caption {i}" for i in range(len(urls))], **extra})
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FaultServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def fault_run(server: FaultServer, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("faults")
+    # Interleave good and bad rows; /dup/4.jpg comes after /img/4.jpg inside the first shard.
+    paths, good_iter, bad_iter = [], iter(GOOD), iter(BAD)
+    for i in range(len(GOOD) + len(BAD)):
+        paths.append(
+            next(good_iter, None) or next(bad_iter) if i % 2 == 0 else next(bad_iter, None) or next(good_iter)
+        )
+    paths.remove("/dup/4.jpg")
+    paths.insert(paths.index("/img/4.jpg") + 1, "/dup/4.jpg")
+    urls = [server.url(p) for p in paths] + ["ftp://example.com/x.jpg", None, server.blackhole_url]
+    expected_bad = {**{server.url(p): s for p, s in BAD.items()}, "ftp://example.com/x.jpg": "bad_url"}
+    expected_bad[server.blackhole_url] = "timeout"
+    table = write_table(
+        tmp / "in.parquet",
+        urls,
+        query=[f"q{i % 3}" for i in range(len(urls))],
+        matched_queries=[[f"q{i % 3}"] for i in range(len(urls))],
+        source=["test"] * len(urls),
+    )
+    config = DownloadConfig(
+        input=str(table),
+        output=str(tmp / "out"),
+        samples_per_shard=12,
+        fetch=fast_fetch(),
+        image=ImageConfig(image_size=32),
+    )
+    start = time.monotonic()
+    summary = run_download(config, progress=False, log=lambda _: None)
+    return tmp / "out", urls, expected_bad, summary, time.monotonic() - start
+
+
+def test_every_url_ends_in_a_shard_or_has_a_reason(fault_run, server: FaultServer) -> None:
+    out, urls, expected_bad, summary, elapsed = fault_run
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("shard-*.parquet"))]).to_pylist()
+    assert [r["row"] for r in rows] == list(range(len(urls)))
+    by_url = {r["url"]: r for r in rows if r["url"]}
+    for path in GOOD:
+        assert by_url[server.url(path)]["status"] == "success", by_url[server.url(path)]
+    for url, status in expected_bad.items():
+        assert by_url[url]["status"] == status and by_url[url]["error"], by_url[url]
+    assert next(r for r in rows if r["url"] is None)["status"] == "bad_url"
+    assert summary.total_samples == len(GOOD) and not summary.incomplete_shards
+    assert elapsed < 15  # no hang at the end: bounded by timeouts x attempts
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_shards_read_with_plain_webdataset(fault_run, server: FaultServer) -> None:
+    out, *_ = fault_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["shards"]]
+    assert names == [f"shard-{i:06d}.tar" for i in range(len(names))]
+    assert manifest["num_samples"] == sum(s["num_samples"] for s in manifest["shards"]) == len(GOOD)
+    pattern = str(out / manifest["pattern"])
+    samples = list(
+        wds.WebDataset(pattern, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json")
+    )
+    assert len(samples) == len(GOOD)
+    keys = [k for k, *_ in samples]
+    assert keys == sorted(keys) and all(len(k) == 9 for k in keys)
+    for key, image, text, meta in samples:
+        assert image.size == (32, 32) and meta["key"] == key and meta["text"] == text
+        assert {"url", "original_width", "original_height", "width", "height", "sha256", "query"} <= set(meta)
+        assert meta["matched_queries"] == [meta["query"]]
+    meta = next(m for _, _, _, m in samples if m["url"] == server.url("/img/0.jpg"))
+    assert (meta["original_width"], meta["original_height"], meta["width"]) == (64, 48, 32)
+    for i, entry in enumerate(manifest["shards"]):
+        stats = json.loads((out / f"shard-{i:06d}.stats.json").read_text())
+        assert stats["num_samples"] == entry["num_samples"] == stats["status_counts"].get("success", 0)
+        with tarfile.open(out / entry["name"]) as tar:
+            assert len(tar.getnames()) == 3 * entry["num_samples"]
+
+
+def test_rerun_of_a_finished_output_does_nothing(fault_run) -> None:
+    out, *_ = fault_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    config = DownloadConfig(
+        input=str(out.parent / "in.parquet"),
+        output=str(out),
+        samples_per_shard=12,
+        fetch=fast_fetch(),
+        image=ImageConfig(image_size=32),
+    )
+    summary = run_download(config, progress=False, log=lambda _: None)
+    assert summary.rows == 0 and summary.total_samples == len(GOOD)
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    with pytest.raises(InputError, match="different settings"):
+        run_download(
+            DownloadConfig(
+                input=config.input, output=str(out), samples_per_shard=12, image=ImageConfig(image_size=64)
+            ),
+            progress=False,
+        )
+
+
+def test_csv_jsonl_folders_and_column_names(server: FaultServer, tmp_path: Path) -> None:
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    for part in range(2):
+        lines = [
+            json.dumps({"link": server.url(f"/img/{part * 3 + i}.jpg"), "caption": f"c{i}"}) for i in range(3)
+        ]
+        (folder / f"part-{part}.jsonl").write_text("\n".join(lines) + "\n")
+    csv = tmp_path / "in.csv"
+    csv.write_text("link,caption\n" + "".join(f"{server.url(f'/img/{i}.jpg')},c{i}\n" for i in range(6)))
+    for source in (folder, csv):
+        out = tmp_path / f"out-{source.name}"
+        code = cli_main(
+            [
+                str(source),
+                str(out),
+                "--url-col",
+                "link",
+                "--text-col",
+                "caption",
+                "--allow-private-addresses",
+                "--image-size",
+                "16",
+                "--no-progress",
+                "--format",
+                "webp",
+            ]
+        )
+        assert code == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["num_samples"] == 6
+        with tarfile.open(out / "shard-000000.tar") as tar:
+            assert tar.getnames()[:3] == ["000000000.webp", "000000000.txt", "000000000.json"]
+
+
+def test_bad_input_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="does not exist"):
+        run_download(DownloadConfig(input=str(tmp_path / "missing.parquet"), output=str(out)), progress=False)
+    table = write_table(tmp_path / "in.parquet", ["http://example.com/a.jpg"])
+    with pytest.raises(InputError, match="no column 'caption'"):
+        run_download(DownloadConfig(input=str(table), output=str(out), text_col="caption"), progress=False)
+    assert cli_main([str(table), str(out), "--url-col", "link", "--no-progress"]) == 2
+    assert "no column 'link'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_img2dataset_layout_writer(tmp_path: Path) -> None:
+    tars = write_img2dataset_shards(tmp_path, [3, 2], image_size=16)
+    assert [t.name for t in tars] == ["00000.tar", "00001.tar"]
+    assert json.loads((tmp_path / "00001_stats.json").read_text())["successes"] == 2
+    assert pq.read_table(tmp_path / "00000.parquet").column("key").to_pylist() == [
+        "000000000",
+        "000000001",
+        "000000002",
+    ]
+    samples = list(
+        wds.WebDataset(str(tmp_path / "{00000..00001}.tar"), shardshuffle=False).to_tuple("__key__", "jpg")
+    )
+    assert [k for k, _ in samples] == ["000000000", "000000001", "000000002", "000010000", "000010001"]
+    assert samples[0][1] == jpeg_image(0, 16, 16)
