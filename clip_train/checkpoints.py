@@ -1,0 +1,208 @@
+"""Load a CLIP model from any checkpoint file this project meets, and the config record that makes ours
+self-describing.
+
+Three kinds of file are read, all with `torch.load(..., weights_only=True)` or safetensors (no code runs):
+
+* OpenAI / OpenCLIP layout (.pt, .bin, .safetensors): a dict of tensors, optionally under "state_dict";
+  the architecture is inferred from the tensors (`clip_train.models.openai_layout`).
+* Our trainer's Lightning checkpoints (.ckpt): {"state_dict": {"model.<name>": tensor, "loss.…": …, …},
+  "clip_config": clip_config_to_dict(config), "pytorch-lightning_version": …, …}. The model's keys start
+  with "model." (plus "_orig_mod." when it was compiled); everything else (loss, optimiser state, loops) is
+  ignored.
+* A plain model file: {"clip_config": clip_config_to_dict(config), "state_dict": model.state_dict()}, as
+  written by `save_model`.
+
+A Lightning checkpoint written before the trainer recorded "clip_config" still loads: its architecture is
+inferred from the tensors like an OpenAI file, with a warning, and the activation taken to be our default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from clip_train.models import CLIP, CLIPConfig, ModifiedResNetConfig, TextTransformerConfig
+from clip_train.models.configs import VisionTransformerConfig
+from clip_train.models.openai_layout import (
+    CheckpointError,
+    config_from_openai_state_dict,
+    load_openai_checkpoint,
+    load_openai_state_dict,
+)
+
+CONFIG_KEY = "clip_config"
+_MODEL_PREFIX = "model."
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
+_VISION_TYPES: dict[str, type] = {"vit": VisionTransformerConfig, "resnet": ModifiedResNetConfig}
+EXPECTED_KINDS = (
+    "an OpenAI/OpenCLIP CLIP state dict (.pt/.bin/.safetensors), a clip_train Lightning checkpoint (.ckpt) "
+    "or a file written by clip_train.checkpoints.save_model"
+)
+
+__all__ = [
+    "CheckpointError",
+    "clip_config_from_dict",
+    "clip_config_to_dict",
+    "load_model",
+    "save_model",
+]
+
+
+# ------------------------------------------------------------------------------------- config record
+
+
+def clip_config_to_dict(config: CLIPConfig) -> dict[str, Any]:
+    """A plain, JSON/YAML-safe dict of the config (lists, not tuples), with the image tower's kind under
+    `vision["type"]` ("vit" or "resnet") so that reading it back never has to guess."""
+    if not isinstance(config, CLIPConfig):
+        raise TypeError(f"expected a CLIPConfig, got {type(config).__name__}")
+    record = dataclasses.asdict(config)
+    vision_type = next(name for name, cls in _VISION_TYPES.items() if isinstance(config.vision, cls))
+    record["vision"] = {"type": vision_type, **_listify(record["vision"])}
+    record["text"] = _listify(record["text"])
+    return record
+
+
+def clip_config_from_dict(record: Mapping[str, Any]) -> CLIPConfig:
+    """The inverse of `clip_config_to_dict`. Raises `CheckpointError` naming any unknown or missing field."""
+    if not isinstance(record, Mapping):
+        raise CheckpointError(f"a clip_config record must be a mapping, got {type(record).__name__}")
+    fields = dict(record)
+    vision = dict(fields.get("vision") or {})
+    vision_type = vision.pop("type", None)
+    if vision_type not in _VISION_TYPES:
+        raise CheckpointError(
+            f"clip_config.vision.type must be one of {sorted(_VISION_TYPES)}, got {vision_type!r}"
+        )
+    try:
+        fields["vision"] = _VISION_TYPES[vision_type](**vision)
+        fields["text"] = TextTransformerConfig(**dict(fields.get("text") or {}))
+        return CLIPConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"invalid clip_config record: {exc}") from exc
+
+
+def _listify(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in tree.items()}
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def save_model(model: CLIP, path: str | Path) -> Path:
+    """Write the model's own state dict with its config record (`torch.save`); `load_model` reads it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save({CONFIG_KEY: clip_config_to_dict(model.config), "state_dict": state}, path)
+    return path
+
+
+def load_model(path: str | Path, *, quick_gelu: bool | None = None) -> CLIP:
+    """A float32 CLIP model in eval mode from any of the three kinds of file (see the module docstring).
+
+    `quick_gelu` only matters for OpenAI-layout files, which do not record the activation (None: from our
+    .safetensors metadata, else True as in OpenAI's release). Raises FileNotFoundError for a missing file
+    and `CheckpointError` (naming the file and what was expected) for a file of the wrong kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_openai_checkpoint(path, quick_gelu=quick_gelu)
+        obj = _torch_load(path)
+        if isinstance(obj, Mapping) and CONFIG_KEY in obj:
+            return _load_own(obj, path)
+        if _is_lightning(obj):
+            return _load_lightning_without_config(obj, path)
+        return load_openai_checkpoint(path, quick_gelu=quick_gelu)
+    except CheckpointError as exc:
+        if str(path) in str(exc):
+            raise
+        raise CheckpointError(f"{path}: {exc}. Expected {EXPECTED_KINDS}") from exc
+
+
+def _torch_load(path: Path) -> object:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist()):
+                raise CheckpointError(
+                    f"{path} is a TorchScript archive; loading it would execute its code. Expected "
+                    f"{EXPECTED_KINDS}"
+                )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file at all, or one holding arbitrary (unsafe) objects
+        raise CheckpointError(
+            f"cannot read {path} as a torch checkpoint of tensors ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Expected {EXPECTED_KINDS}"
+        ) from exc
+
+
+def _is_lightning(obj: object) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and isinstance(obj.get("state_dict"), Mapping)
+        and any(isinstance(k, str) and k.startswith(_MODEL_PREFIX) for k in obj["state_dict"])
+    )
+
+
+def _model_state(state: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
+    """The model's tensors under our own names: Lightning's "model." prefix and wrapper prefixes removed
+    (entries of the loss and other sub-modules dropped)."""
+    prefixed = any(isinstance(k, str) and k.startswith(_MODEL_PREFIX) for k in state)
+    out = {}
+    for key, value in state.items():
+        if prefixed:
+            if not key.startswith(_MODEL_PREFIX):
+                continue
+            key = key[len(_MODEL_PREFIX) :]
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        out[key] = value
+    return out
+
+
+def _load_own(obj: Mapping[str, Any], path: Path) -> CLIP:
+    config = clip_config_from_dict(obj[CONFIG_KEY])
+    state = obj.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path} has a {CONFIG_KEY!r} record but no 'state_dict' of tensors")
+    model = CLIP(config)
+    try:
+        result = model.load_state_dict(_model_state(state, path), strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(
+            f"{path}: the weights do not fit the recorded {CONFIG_KEY}: {str(exc).strip()[:2000]}"
+        ) from exc
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the recorded {CONFIG_KEY}: missing {missing[:10]}, "
+            f"unexpected {result.unexpected_keys[:10]}"
+        )
+    return model.float().eval()
+
+
+def _load_lightning_without_config(obj: Mapping[str, Any], path: Path) -> CLIP:
+    state = _model_state(obj["state_dict"], path)
+    openai_names = {k.removeprefix("text."): v for k, v in state.items()}
+    config = dataclasses.replace(config_from_openai_state_dict(openai_names), quick_gelu=False)
+    warnings.warn(
+        f"{path} has no {CONFIG_KEY!r} record (written by an older trainer): the architecture was inferred "
+        "from the tensors and the activation assumed to be exact GELU",
+        stacklevel=3,
+    )
+    model = CLIP(config)
+    load_openai_state_dict(model, openai_names)
+    return model.float().eval()

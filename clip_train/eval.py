@@ -1,0 +1,157 @@
+"""`python -m clip_train.eval`: zero-shot classification (and optionally retrieval) of a checkpoint, written
+as a JSON report and PNG plots.
+
+    python -m clip_train.eval --checkpoint runs/vit_tiny/checkpoints/last.ckpt \
+        --imagefolder data/eval/shapes --templates imagenet80 --out reports/shapes
+    python -m clip_train.eval --checkpoint model.safetensors \
+        --shards "data/eval/shard-{000000..000003}.tar" --classnames classes.txt --out reports/labelled
+    python -m clip_train.eval --checkpoint model.pt --retrieval-folder data/eval/captioned --out reports/ret
+
+Outputs in --out: report.json (metrics, per-class recall, confusion matrix, the most frequent confusions),
+confusion_matrix.png and per_class_accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from clip_train.evaluation.cli_common import add_model_arguments, model_from_arguments, run
+from clip_train.evaluation.datasets import (
+    ClassificationSet,
+    RetrievalSet,
+    captioned_folder,
+    captioned_shards,
+    image_folder,
+    labelled_shards,
+)
+from clip_train.evaluation.plots import plot_confusion_matrix, plot_per_class_accuracy
+from clip_train.evaluation.retrieval import evaluate_retrieval
+from clip_train.evaluation.templates import builtin_template_sets, load_classnames, load_templates
+from clip_train.evaluation.zero_shot import ZeroShotResult, evaluate_zero_shot
+
+_TOP_CONFUSIONS = 20
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_train.eval",
+        description="Zero-shot classification and retrieval of a CLIP checkpoint: JSON report, PNG plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_arguments(parser)
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument(
+        "--imagefolder", help="classification set: ROOT/<class>/<images>, classes = sub-folders"
+    )
+    data.add_argument(
+        "--shards",
+        help="classification set: labelled WebDataset shards (label in KEY.cls or KEY.json 'label')",
+    )
+    parser.add_argument(
+        "--classnames",
+        help="class-name file, one per line in label order (required with --shards; with --imagefolder it "
+        "names the sorted sub-folders)",
+    )
+    parser.add_argument(
+        "--templates",
+        default="single",
+        help=f"prompt templates: a built-in set ({', '.join(builtin_template_sets())}) or a file with one "
+        "template per line containing {}",
+    )
+    retrieval = parser.add_mutually_exclusive_group()
+    retrieval.add_argument("--retrieval-folder", help="retrieval set: images with same-named .txt captions")
+    retrieval.add_argument(
+        "--retrieval-shards", help="retrieval set: WebDataset shards with KEY.txt captions"
+    )
+    parser.add_argument("--name", default="", help="dataset name in the report (default: the folder's name)")
+    parser.add_argument("--out", required=True, help="output folder for report.json and the plots")
+    return parser
+
+
+def _classification_set(args: argparse.Namespace) -> ClassificationSet | None:
+    classnames = load_classnames(args.classnames) if args.classnames else None
+    if args.imagefolder:
+        return image_folder(args.imagefolder, classnames, name=args.name)
+    if args.shards:
+        if classnames is None:
+            raise ValueError("--shards needs --classnames (line i names label i)")
+        return labelled_shards(args.shards, classnames, name=args.name)
+    return None
+
+
+def _retrieval_set(args: argparse.Namespace) -> RetrievalSet | None:
+    if args.retrieval_folder:
+        return captioned_folder(args.retrieval_folder)
+    if args.retrieval_shards:
+        return captioned_shards(args.retrieval_shards)
+    return None
+
+
+def top_confusions(result: ZeroShotResult, limit: int = _TOP_CONFUSIONS) -> list[dict[str, Any]]:
+    """The most frequent off-diagonal (true, predicted) pairs."""
+    confusion = result.metrics.confusion.clone()
+    confusion.fill_diagonal_(0)
+    counts, flat = confusion.flatten().sort(descending=True)
+    c = confusion.shape[0]
+    return [
+        {"true": result.classnames[i // c], "predicted": result.classnames[i % c], "count": n}
+        for n, i in zip(counts.tolist()[:limit], flat.tolist()[:limit])
+        if n > 0
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    if not (args.imagefolder or args.shards or args.retrieval_folder or args.retrieval_shards):
+        raise ValueError("nothing to evaluate: give --imagefolder or --shards, and/or a --retrieval-* set")
+    templates = load_templates(args.templates)
+    classification = _classification_set(args)
+    retrieval = _retrieval_set(args)
+    out = Path(args.out)
+    plan = []
+    if classification is not None:
+        plan.append(
+            f"zero-shot on {classification.name!r} ({len(classification)} images, "
+            f"{len(classification.classnames)} classes, {len(templates)} template(s))"
+        )
+    if retrieval is not None:
+        plan.append(f"retrieval on {retrieval.name!r} ({len(retrieval)} images)")
+    print(f"evaluating {args.checkpoint}: {'; '.join(plan)}; writing to {out}")
+    model = model_from_arguments(args)
+    common = {"batch_size": args.batch_size, "num_workers": args.workers, "progress": True}
+
+    report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "templates": args.templates}
+    summary = []
+    out.mkdir(parents=True, exist_ok=True)
+    if classification is not None:
+        result = evaluate_zero_shot(model, classification, templates, **common)
+        report["zero_shot"] = {**result.to_dict(), "top_confusions": top_confusions(result)}
+        m = result.metrics
+        title = f"{result.dataset}: zero-shot top-1 {m.top1:.3f}"
+        plot_confusion_matrix(m.confusion, result.classnames, out / "confusion_matrix.png", title=title)
+        plot_per_class_accuracy(
+            m.per_class_recall, result.classnames, out / "per_class_accuracy.png", title=title
+        )
+        summary.append(
+            f"zero-shot top-1 {m.top1:.4f}, top-5 {m.top5:.4f}, mean per-class {m.mean_per_class_recall:.4f}"
+        )
+    if retrieval is not None:
+        scores = evaluate_retrieval(model, retrieval, **common)
+        report["retrieval"] = {"dataset": retrieval.name, **scores.to_dict()}
+        summary.append(
+            f"retrieval image→text R@1 {scores.image_to_text[1]:.4f}, "
+            f"text→image R@1 {scores.text_to_image[1]:.4f}"
+        )
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'; '.join(summary)} — report and plots in {out} ({report['seconds']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

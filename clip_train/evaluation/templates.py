@@ -1,0 +1,103 @@
+"""Prompt templates and class-name lists for zero-shot classification.
+
+A template file holds one prompt per line with "{}" where the class name goes ("a photo of a {}.");
+blank lines and lines starting with "#" are skipped. Built-in sets live in clip_train/evaluation/templates/:
+"single" (the CLIP paper's "a photo of a {}.") and "imagenet80" (the paper's 80 ImageNet prompts).
+A class-name file holds one class name per line, in label order (line i names label i).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+PLACEHOLDER = "{}"
+
+
+class TemplateError(ValueError):
+    """A template or class-name list that cannot be used; the message names the file and line."""
+
+
+def builtin_template_sets() -> list[str]:
+    """Names of the template sets shipped with the package ("imagenet80", "single")."""
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.txt"))
+
+
+def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank, non-comment lines of a UTF-8 file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TemplateError(f"{what} file {path} is not UTF-8 text: {exc}") from exc
+    return [
+        (n, line.strip())
+        for n, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def _problem(template: str) -> str | None:
+    rest = template.replace(PLACEHOLDER, "")
+    if template.count(PLACEHOLDER) != 1 or "{" in rest or "}" in rest:
+        return (
+            f"template {template!r} must contain exactly one {PLACEHOLDER!r} (where the class name goes) "
+            "and no other braces"
+        )
+    return None
+
+
+def check_templates(templates: list[str], source: str = "templates") -> list[str]:
+    """Return `templates` after checking each holds exactly one "{}" and no other braces."""
+    if not templates:
+        raise TemplateError(f"{source}: no templates given")
+    for i, template in enumerate(templates):
+        problem = _problem(template)
+        if problem:
+            raise TemplateError(f"{source}, entry {i + 1}: {problem}")
+    return list(templates)
+
+
+def load_templates(name_or_path: str | Path) -> list[str]:
+    """The templates of a built-in set ("single", "imagenet80") or of a template file."""
+    builtin = TEMPLATE_DIR / f"{name_or_path}.txt"
+    is_builtin = isinstance(name_or_path, str) and "/" not in name_or_path and builtin.is_file()
+    path = builtin if is_builtin else Path(name_or_path)
+    if not is_builtin and not path.is_file():
+        raise FileNotFoundError(
+            f"template file not found: {path} (built-in sets: {', '.join(builtin_template_sets())})"
+        )
+    lines = _read_lines(path, "template")
+    if not lines:
+        raise TemplateError(f"template file {path} holds no templates")
+    for n, template in lines:
+        problem = _problem(template)
+        if problem:
+            raise TemplateError(f"{path}:{n}: {problem}")
+    return [t for _, t in lines]
+
+
+def fill_templates(classname: str, templates: list[str]) -> list[str]:
+    """The prompts of one class: each template with "{}" replaced by the class name."""
+    return [t.replace(PLACEHOLDER, classname) for t in templates]
+
+
+def check_classnames(classnames: list[str], source: str = "class names") -> list[str]:
+    """Return `classnames` after checking the list is non-empty, without blanks or duplicates."""
+    if not classnames:
+        raise TemplateError(f"{source}: the class list is empty")
+    blank = [i for i, c in enumerate(classnames) if not str(c).strip()]
+    if blank:
+        raise TemplateError(f"{source}: class names at positions {blank[:10]} are blank")
+    seen: set[str] = set()
+    duplicates = [c for c in classnames if c in seen or seen.add(c)]
+    if duplicates:
+        raise TemplateError(f"{source}: class names listed twice: {sorted(set(duplicates))[:10]}")
+    return list(classnames)
+
+
+def load_classnames(path: str | Path) -> list[str]:
+    """Class names from a file, one per line in label order."""
+    path = Path(path)
+    return check_classnames([c for _, c in _read_lines(path, "class-name")], str(path))
