@@ -125,7 +125,11 @@ class _Batches(torch.utils.data.IterableDataset):
 
 
 def _fit(
-    batches: _Batches, max_consecutive_nonfinite: int = 3, start_logit_scale: float | None = None
+    batches: _Batches,
+    max_consecutive_nonfinite: int = 3,
+    start_logit_scale: float | None = None,
+    precision: str | pl.plugins.Precision = "32-true",
+    micro_batch_size: int | None = None,
 ) -> CLIPTrainingModule:
     from functools import partial
 
@@ -140,9 +144,13 @@ def _fit(
         partial(torch.optim.AdamW, lr=1e-3),
         max_consecutive_nonfinite=max_consecutive_nonfinite,
         gradient_clip_norm=1.0,
+        micro_batch_size=micro_batch_size,
+    )
+    precision_arg = (
+        {"plugins": [precision]} if isinstance(precision, pl.plugins.Precision) else {"precision": precision}
     )
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+                         enable_progress_bar=False, enable_model_summary=False, **precision_arg)  # fmt: skip
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     return module
 
@@ -158,6 +166,19 @@ def test_a_non_finite_step_is_skipped_counted_and_training_goes_on():
 def test_too_many_consecutive_non_finite_steps_stop_the_run():
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"), pytest.warns(UserWarning):
         _fit(_Batches(6, poison={1, 2, 3}), max_consecutive_nonfinite=3)
+
+
+def test_bf16_mixed_precision_with_gradient_caching_trains():
+    module = _fit(_Batches(3), precision="bf16-mixed", micro_batch_size=4)
+    assert module.trainer.global_step == 3
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_gradient_caching_refuses_fp16_loss_scaling():
+    # On a CPU Lightning turns "16-mixed" into bf16; a loss scaler is what makes fp16 incompatible.
+    fp16 = pl.plugins.MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        _fit(_Batches(1), precision=fp16, micro_batch_size=4)
 
 
 def test_the_temperature_is_clamped_after_every_step():

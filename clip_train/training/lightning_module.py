@@ -103,7 +103,10 @@ class CLIPTrainingModule(pl.LightningModule):
         return float(keywords.get("weight_decay", 0.0))
 
     def on_fit_start(self) -> None:
-        if self.micro_batch_size is not None and self.trainer.precision in ("16-mixed", "16", "16-true"):
+        if (
+            self.micro_batch_size is not None
+            and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        ):
             raise ValueError(
                 "gradient caching (micro_batch_size) cannot be combined with fp16's dynamic loss scale; "
                 "use trainer.precision=bf16-mixed"
