@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import pickle
+import sys
 
-from data_pipelines.candidates.matching import QueryMatcher, load_queries, normalize_text
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from data_pipelines.candidates.matching import QueryMatcher, _words, load_queries, normalize_text
 
 
 @pytest.mark.parametrize(
@@ -72,3 +77,72 @@ def test_query_list_errors(tmp_path):
     two.write_text("b\n")
     (tmp_path / "a.txt").write_text("a\n\nc\n")
     assert load_queries([tmp_path / "a.txt", two]) == ["a", "c", "b"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The Lord of the Rings, extended", ["lord of the", "The Lord of the Rings", "of the rings", "the"]),
+        ("the lord of the flies", ["lord of the", "the"]),  # a prefix of a longer query is no match
+        ("lord of the ring", ["lord of the", "the"]),
+        ("東京都庁の夜景", ["東京", "東京都庁"]),  # four characters: a query of four words
+        ("東京都の夜景", ["東京"]),
+        ("a b c d e f g", ["a b c d e f g", "b c d"]),
+        ("a b c d e f x", ["b c d"]),
+        ("x a b c d e f g", ["a b c d e f g", "b c d"]),
+    ],
+)
+def test_match_long_queries(text, expected):
+    m = QueryMatcher(
+        [
+            "The Lord of the Rings",
+            "lord of the",
+            "of the rings",
+            "the",
+            "東京都庁",
+            "東京",
+            "a b c d e f g",
+            "b c d",
+        ]
+    )
+    assert m.match(text) == sorted(expected)
+
+
+def test_matcher_pickles():
+    m = QueryMatcher(["red dog", "dog", "a b c"])
+    copy = pickle.loads(pickle.dumps(m))
+    assert copy.queries == m.queries
+    assert copy.match("A red dog, a b c!") == m.match("A red dog, a b c!") == ["a b c", "dog", "red dog"]
+
+
+def test_words_agree_with_normalize_text_on_every_code_point():
+    # The matcher splits UTF-8 bytes of the translated text; normalize_text splits str. They must agree
+    # for every character, including surrogates, controls and unassigned code points.
+    for start in range(0, sys.maxunicode + 1, 4096):
+        chunk = "".join(map(chr, range(start, min(start + 4096, sys.maxunicode + 1))))
+        assert b" ".join(_words(chunk)).decode() == normalize_text(chunk), hex(start)
+    for cp in range(128):  # the ASCII fast path, character by character, inside and beside words
+        for text in (chr(cp), f"Ab{chr(cp)}cD", f"{chr(cp)}x{chr(cp)}"):
+            assert b" ".join(_words(text)).decode() == normalize_text(text), cp
+
+
+_PIECES = [
+    *("a", "b", "ab", "A", "B", "é", "e\u0301", "É", "ß", "ss", "SS", "ﬁ", "fi", "Ｎ", "n", "İ", "i"),
+    *("猫", "睡", "觉", "ไ", "ท", "москва", "МОСКВА"),
+    *(" ", "-", ".", "\t", "\u00ad", "\u200b", "\u200d", "\u3000", "\x1f", "+"),
+]
+_snippets = st.lists(st.sampled_from(_PIECES), max_size=10).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(queries=st.lists(_snippets, min_size=1, max_size=12), texts=st.lists(_snippets, max_size=6))
+def test_match_ids_equals_substring_rule(queries, texts):
+    """The n-gram lookups give exactly the documented rule: " query " is a substring of " text "."""
+    try:
+        m = QueryMatcher(queries)
+    except ValueError:  # every query normalised to nothing
+        assume(False)
+    norms = [normalize_text(q) for q in m.queries]
+    for text in texts:
+        padded = f" {normalize_text(text)} "
+        assert m.match_ids(text) == {i for i, q in enumerate(norms) if f" {q} " in padded}
