@@ -524,6 +524,14 @@ def _gather_columns(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor, int]:
     return gathered[:, :dim], gathered[:, dim:], rank() * image.shape[0]
 
 
+def _gathered_columns(image: Tensor, text: Tensor) -> dict[str, Tensor | int]:
+    """Keyword arguments that score this rank's rows against every rank's columns (none on one process)."""
+    if world_size() <= 1:
+        return {}
+    all_image, all_text, offset = _gather_columns(image, text)
+    return {"all_image_embeds": all_image, "all_text_embeds": all_text, "row_offset": offset}
+
+
 class ContrastiveLoss(nn.Module):
     """CLIP's symmetric InfoNCE loss, gathering embeddings across ranks.
 
@@ -558,10 +566,7 @@ class ContrastiveLoss(nn.Module):
                 "ContrastiveLoss takes no logit_bias: a constant added to every logit cancels in the "
                 "softmax. Use SigLipLoss for a model with a learnable bias"
             )
-        columns: dict[str, Tensor | int] = {}
-        if self.gather and world_size() > 1:
-            all_image, all_text, offset = _gather_columns(image_embeds, text_embeds)
-            columns = {"all_image_embeds": all_image, "all_text_embeds": all_text, "row_offset": offset}
+        columns = _gathered_columns(image_embeds, text_embeds) if self.gather else {}
         if self.chunk_size is None:
             return contrastive_loss(
                 image_embeds, text_embeds, logit_scale, check_finite=self.check_finite, **columns
@@ -596,10 +601,7 @@ class SigLipLoss(nn.Module):
         """Args: image_embeds, text_embeds (n, D) L2-normalised; logit_scale, logit_bias scalars."""
         if logit_bias is None:
             raise ValueError("SigLipLoss needs a logit_bias (SigLIP initialises it to -10)")
-        columns: dict[str, Tensor | int] = {}
-        if self.gather and world_size() > 1:
-            all_image, all_text, offset = _gather_columns(image_embeds, text_embeds)
-            columns = {"all_image_embeds": all_image, "all_text_embeds": all_text, "row_offset": offset}
+        columns = _gathered_columns(image_embeds, text_embeds) if self.gather else {}
         return siglip_loss(
             image_embeds, text_embeds, logit_scale, logit_bias, check_finite=self.check_finite, **columns
         )
