@@ -266,3 +266,23 @@ def test_a_failed_job_does_not_end_a_sweep_run_by_the_submitit_launcher(tmp_path
     assert "micro_batch_size=0 must lie in" in (failed / "error.txt").read_text()
     assert (succeeded / "checkpoints/last.ckpt").is_file()
     assert not (succeeded / "error.txt").exists()
+
+
+@pytest.mark.slow
+def test_wandb_logs_offline_without_a_key_and_a_restart_continues_the_same_run(tmp_path):
+    shards = write_crawler_shards(tmp_path / "shards", [16, 16], image_size=40)
+    common = [a for a in _common(shards, tmp_path) if "logger.0" not in a and "max_epochs" not in a]
+    env_free = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    runs = []
+    for steps in (2, 3):  # the second invocation resumes the first (same run directory)
+        args = [*common, "logger=wandb", f"trainer.max_steps={steps}", "data.num_workers=1", "run_name=wb"]
+        env = {**env_free, "HOME": str(tmp_path)}  # no ~/.netrc either: no key anywhere
+        command = [sys.executable, "-m", "clip_train", *args]
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        runs.append(sorted(p.name for p in (tmp_path / "runs/wb/wandb").glob("offline-run-*")))
+    run_id = (tmp_path / "runs/wb/run_id").read_text().strip()
+    assert len(runs[1]) == 2 and all(name.endswith(run_id) for name in runs[1])
