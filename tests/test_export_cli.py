@@ -1,0 +1,128 @@
+"""`python -m clip_train.export`: --help, the plan and summary lines, and a clear error (exit status 2 from
+the real entry point) for a checkpoint that is not a CLIP, an unknown format, an occupied output folder and a
+model the format cannot express."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from eval_support import write_lightning_checkpoint
+
+from clip_train.checkpoints import CheckpointError
+from clip_train.export import ExportError, export_model
+from clip_train.export.cli import main
+from clip_train.models import build_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return write_lightning_checkpoint(build_model("vit-tiny"), tmp_path_factory.mktemp("ckpt") / "last.ckpt")
+
+
+def test_help_names_the_formats(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in (
+        "--checkpoint",
+        "--format",
+        "--out",
+        "--fp16",
+        "--overwrite",
+        "onnx",
+        "openai",
+        "huggingface",
+    ):
+        assert word in text
+
+
+def test_plan_and_summary(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "hf"
+    assert main(["--checkpoint", str(checkpoint), "--format", "huggingface", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(
+        f"exporting {checkpoint} (ViT image tower, 3.7 M parameters) as huggingface fp32"
+    )
+    assert lines[-1].startswith("exported 7 files (")
+    assert "model.safetensors 14.8 MB" in lines[-1] and "vocab.json" in lines[-1]
+
+
+def test_not_a_clip_checkpoint_exits_2_with_the_reason(tmp_path: Path) -> None:
+    path = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_train.export",
+            "--checkpoint",
+            str(path),
+            "--format",
+            "openai",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "not an OpenAI/OpenCLIP CLIP state dict" in result.stderr
+    assert str(path) in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_clip_checkpoint_in_process(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, path)  # a plain dict of tensors, but not a CLIP's
+    with pytest.raises(CheckpointError, match=r"other\.pt"):
+        main(["--checkpoint", str(path), "--format", "onnx", "--out", str(tmp_path / "out")])
+
+
+def test_unknown_format(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(checkpoint), "--format", "tflite", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+    with pytest.raises(
+        ExportError, match=r"unknown export format 'tflite'; formats: onnx, openai, huggingface"
+    ):
+        export_model(build_model("vit-tiny"), "tflite", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_occupied_output_folder_needs_overwrite(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    args = ["--checkpoint", str(checkpoint), "--format", "openai", "--out", str(out)]
+    with pytest.raises(ExportError, match=r"out exists and is not empty.*--overwrite"):
+        main(args)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "keep me"  # files of other names are left alone
+    assert (out / "open_clip_model.safetensors").is_file()
+
+
+def test_output_path_that_is_a_file(checkpoint: Path, tmp_path: Path) -> None:
+    path = tmp_path / "a_file"
+    path.write_text("")
+    with pytest.raises(ExportError, match=r"a_file exists and is not a folder"):
+        main(["--checkpoint", str(checkpoint), "--format", "openai", "--out", str(path), "--overwrite"])
+
+
+def test_resnet_to_huggingface(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = write_lightning_checkpoint(build_model("rn-tiny"), tmp_path / "rn.ckpt")
+    with pytest.raises(ExportError, match=r"Hugging Face CLIPModel.*modified ResNet"):
+        main(["--checkpoint", str(path), "--format", "huggingface", "--out", str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists()
