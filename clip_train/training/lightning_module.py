@@ -130,12 +130,18 @@ class CLIPTrainingModule(pl.LightningModule):
         self._step_start = now
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        images, tokens = batch[0], batch[1]
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
+        output = self.forward_backward(batch)
+        if self._apply_update(optimizer, output.loss):
+            self._log_step(output, batch[0].shape[0])
+        return output.loss.detach()
 
+    def forward_backward(self, batch):
+        """Compute the loss of `batch` and back-propagate it into `.grad`; returns the loss output."""
+        images, tokens = batch[0], batch[1]
         if self.micro_batch_size is not None and self.micro_batch_size < images.shape[0]:
-            output = gradient_cached_step(
+            return gradient_cached_step(
                 self.model,
                 self.loss,
                 images,
@@ -144,19 +150,19 @@ class CLIPTrainingModule(pl.LightningModule):
                 backward=self.manual_backward,
                 no_sync=getattr(self.trainer.strategy, "block_backward_sync", nullcontext),
             )
-        else:
-            encoded = self.model(images, tokens)
-            output = self.loss(
-                encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias
-            )
-            # Back-propagate even a non-finite loss: every rank must take part in the gradient all-reduce.
-            self.manual_backward(output.loss)
+        encoded = self.model(images, tokens)
+        output = self.loss(encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias)
+        # Back-propagate even a non-finite loss: every rank must take part in the gradient all-reduce.
+        self.manual_backward(output.loss)
+        return output
 
-        if not self._all_ranks_finite(output.loss):
+    def _apply_update(self, optimizer, loss: Tensor) -> bool:
+        """Step the optimiser and the schedule and clamp the temperature, unless the loss was not finite on
+        some rank (then the gradients are dropped and the step is counted). Returns whether it stepped."""
+        if not self._all_ranks_finite(loss):
             optimizer.zero_grad(set_to_none=True)
-            self._on_nonfinite_step(output.loss)
-            return output.loss.detach()
-
+            self._on_nonfinite_step(loss)
+            return False
         self._consecutive_nonfinite = 0
         if self.gradient_clip_norm is not None:
             self.clip_gradients(
@@ -167,9 +173,7 @@ class CLIPTrainingModule(pl.LightningModule):
         if scheduler is not None:
             scheduler.step()
         getattr(self.model, "_orig_mod", self.model).clamp_logit_scale_()
-
-        self._log_step(output, images.shape[0])
-        return output.loss.detach()
+        return True
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._last_step_end = time.perf_counter()
