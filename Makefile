@@ -4,6 +4,8 @@
 #   make test    set up, then run the test suite
 #   make bench   set up, then run every benchmark in scripts/bench/
 #   make lint    ruff
+#   make demo    set up, then the embedded demo: crawl a local scene website, train a small CLIP on the
+#                CPU, evaluate it zero-shot, write demo/report/index.html (scripts/demo/run_demo.py)
 #
 # CPU machines get the pinned CPU build of torch. On a GPU cluster bring your own build, e.g.
 #   make setup TORCH_SPEC="torch==2.5.1" PIP_TORCH_INDEX="--index-url <your CUDA wheel index>"
@@ -18,7 +20,7 @@ STAMP := $(VENV)/.setup-done
 VOCAB := clip_train/assets/bpe_simple_vocab_16e6.txt.gz
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench lint clean
+.PHONY: setup test bench lint demo clean
 
 setup: $(STAMP) $(VOCAB)
 
@@ -47,6 +49,9 @@ test: setup
 bench: setup
 	@for b in scripts/bench/bench_*.py; do \
 	  echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+demo: setup
+	$(BIN)/python scripts/demo/run_demo.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -15,6 +15,7 @@ from download_support import TEST_USER_AGENT, FaultServer, jpeg_image, write_img
 
 from data_pipelines.download import DownloadConfig, FetchConfig, ImageConfig, InputError, run_download
 from data_pipelines.download.__main__ import main as cli_main
+from data_pipelines.download.plan import read_input
 
 GOOD = [f"/img/{i}.jpg" for i in range(12)] + ["/png/1.png", "/redirect/2/40.jpg", "/optout/other-agent.jpg"]
 BAD = {
@@ -203,6 +204,25 @@ def test_bad_input_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureF
     assert cli_main([str(table), str(out), "--url-col", "link", "--no-progress"]) == 2
     assert "no column 'link'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_input_folder_reads_its_table_parts_and_skips_json_metadata(tmp_path: Path) -> None:
+    # The balancer's output folder: parquet parts next to stats.json; the downloader takes it as it is.
+    folder = tmp_path / "candidates"
+    folder.mkdir()
+    write_table(folder / "part-00000.parquet", ["http://example.com/a.jpg", "http://example.com/b.jpg"])
+    write_table(folder / "part-00001.parquet", ["http://example.com/c.jpg"])
+    (folder / "stats.json").write_text(json.dumps({"totals": {"kept": 3}}))
+    assert read_input(folder).column("url").to_pylist()[-1] == "http://example.com/c.jpg"
+    assert read_input(folder).num_rows == 3
+    (folder / "extra.csv").write_text("url,text\nhttp://example.com/d.jpg,d\n")
+    with pytest.raises(InputError, match="mixes formats"):
+        read_input(folder)
+    empty = tmp_path / "only-metadata"
+    empty.mkdir()
+    (empty / "stats.json").write_text("{}")
+    with pytest.raises(InputError, match=r"holds no \.parquet"):
+        read_input(empty)
 
 
 def test_img2dataset_layout_writer(tmp_path: Path) -> None:

@@ -44,13 +44,18 @@ def _input_files(path: Path) -> tuple[list[Path], str]:
         if fmt is None:
             raise InputError(f"input {path}: unknown format {path.suffix!r}; use one of {sorted(_FORMATS)}")
         return [path], fmt
+    # Inside a folder, `.json` files are metadata (the balancer's stats.json, a manifest.json), not rows:
+    # tables in a folder are parquet, CSV or JSON Lines. A single `.json` file given by name is read as rows.
     files = sorted(
         p
         for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in _FORMATS and not p.name.startswith(("_", "."))
+        if p.is_file()
+        and p.suffix.lower() in _FORMATS
+        and p.suffix.lower() != ".json"
+        and not p.name.startswith(("_", "."))
     )
     if not files:
-        raise InputError(f"input folder {path} holds no {'/'.join(sorted(_FORMATS))} files")
+        raise InputError(f"input folder {path} holds no .parquet/.pq/.csv/.jsonl files")
     formats = {_FORMATS[p.suffix.lower()] for p in files}
     if len(formats) > 1:
         raise InputError(f"input folder {path} mixes formats {sorted(formats)}; keep one format per folder")
