@@ -108,7 +108,7 @@ def test_side_files_hold_the_teachers_embeddings_and_train_through_the_experimen
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[
-            "+experiment=distill_vit_tiny", f"teacher={teacher_path}", f"data.train_shards='{shards}'",
+            "+experiment=distill_demo", f"teacher={teacher_path}", f"data.train_shards='{shards}'",
             "data.num_workers=1", f"paths.root_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
             "global_batch_size=16", "trainer.max_epochs=1", "module.teacher_embeddings=true",
             "scheduler.warmup_steps=2", "~callbacks.progress", "logger=none",
@@ -161,12 +161,10 @@ def test_different_embedding_sizes_need_a_projection(setup):
 
 def test_the_distillation_experiments_compose():
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        tiny = compose("train", overrides=["+experiment=distill_vit_tiny", "teacher=t.pt"])
+        tiny = compose("train", overrides=["+experiment=distill_demo", "teacher=t.pt"])
         b32 = compose(
             "train", overrides=["+experiment=distill_vit_b32", "teacher=ViT-B-32.pt", "data.train_shards=x"]
         )
-    assert (
-        tiny.model.teacher == "t.pt" and tiny.module.teacher == "t.pt" and tiny.run_name == "distill_vit_tiny"
-    )
+    assert tiny.model.teacher == "t.pt" and tiny.module.teacher == "t.pt" and tiny.run_name == "distill_demo"
     assert [list(m) for m in b32.loss.temperature] == [[0, 4.0], [5, 2.0]]
     assert b32.model.width_ratio == 0.5 and b32.model.depth_ratio == 0.5 and b32.module.teacher_embeddings

@@ -59,7 +59,7 @@ def test_vit_b32_is_the_papers_recipe():
 
 def test_the_default_config_is_a_small_cpu_run():
     cfg = _compose()
-    assert cfg.model.name_or_config == "vit-tiny" and cfg.trainer.accelerator == "cpu"
+    assert cfg.model.name_or_config == "rn-tiny" and cfg.trainer.accelerator == "cpu"
     assert str(cfg.data.train_shards).endswith("demo/shards")
 
 

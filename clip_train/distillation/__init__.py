@@ -6,7 +6,7 @@ depth of the image tower, KL between similarity distributions at a temperature p
     student = build_student("teacher.ckpt")                       # half width, half depth, same heads
     module = DistillationModule(student, DistillationLoss(), optimizer, teacher="teacher.ckpt")
 
-Training: `python -m clip_train +experiment=distill_vit_tiny teacher=PATH`. CLIs:
+Training: `python -m clip_train +experiment=distill_demo teacher=PATH`. CLIs:
 `python -m clip_train.distillation.precompute` (teacher side files next to the shards) and
 `python -m clip_train.distillation.report` (size, speed and agreement of a student with its teacher).
 """

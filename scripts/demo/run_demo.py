@@ -35,20 +35,20 @@ from serve import SceneServer, serving
 
 REPO = Path(__file__).resolve().parents[2]
 
-SHAPE_TEMPLATES = (
-    "a photo of a {}.",
-    "a drawing of a {}.",
-    "a {}.",
-    "an illustration of a {}.",
-    "{} clip art.",
+# Prompt ensembles. Each attribute's prompts name every value of the other attribute in turn (the class
+# embedding is the mean over all of them), so a class is described the way the captions describe objects
+# ("a red star") without favouring any one colour or shape: nothing about the test image is used.
+_FRAMES = (
+    "a photo of one {colour} {shape}.",
+    "one {colour} {shape}.",
+    "clip art: {colour} {shape}",
+    "{colour} {shape} icon",
+    "an illustration of one {colour} {shape}.",
 )
-COLOUR_TEMPLATES = (
-    "a photo of something {}.",
-    "a {} shape.",
-    "something {}.",
-    "a drawing in {}.",
-    "a {} object.",
-)
+_SHAPE_FRAMES = tuple(f.replace("{shape}", "{}") for f in _FRAMES)
+_COLOUR_FRAMES = tuple(f.replace("{colour}", "{}") for f in _FRAMES)
+SHAPE_TEMPLATES = tuple(f.replace("{colour}", c) for f in _SHAPE_FRAMES for c in scenes.COLOURS)
+COLOUR_TEMPLATES = tuple(f.replace("{shape}", s) for f in _COLOUR_FRAMES for s in scenes.SHAPES)
 # Targets of the issue: zero-shot accuracy on held-out images of seen pairs, and at most this many points
 # lower on pairs never seen in training.
 TARGETS = {"shape": 0.85, "colour": 0.95}
