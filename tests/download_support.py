@@ -22,7 +22,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -91,7 +91,9 @@ class FaultHandler(BaseHTTPRequestHandler):
     /robots.txt                   disallows /private/ (server.robots_mode "503": HTTP 503; "redirect":
                                   moved to /moved/robots.txt)
     /img/SEED.jpg?w=&h=           a JPEG; /png/SEED.png an RGBA PNG; /private/SEED.jpg (robots-disallowed)
-    /slowimg/SEED.jpg             the JPEG of /img/SEED.jpg after server.delay_seconds
+    /slowimg/SEED.jpg             the JPEG of /img/SEED.jpg after server.delay_seconds; the server
+                                  counts these requests in flight (server.peak_in_flight)
+    /chunked/SEED.jpg?w=&h=       the JPEG of /img/SEED.jpg sent chunked (no Content-Length)
     /status/CODE                  an empty response with that status
     /flaky/SEED.jpg               503 until server.flaky_ok is set, then the JPEG
     /slow-headers.jpg             waits server.slow_seconds before any byte (read timeout)
@@ -124,6 +126,20 @@ class FaultHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_chunked(self, body: bytes, chunk: int = 1024) -> None:
+        # Without a Content-Length only the body-size cap (not the header check) can stop a large body.
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for i in range(0, len(body), chunk):
+                piece = body[i : i + chunk]
+                self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client hung up once it had read enough to refuse the body
+            self.close_connection = True
+
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         path, query = parts.path, parse_qs(parts.query)
@@ -140,8 +156,12 @@ class FaultHandler(BaseHTTPRequestHandler):
             w, h = int(query.get("w", ["64"])[0]), int(query.get("h", ["48"])[0])
             self._send(200, jpeg_image(seed, w, h))
         elif seg[0] == "slowimg":
-            time.sleep(self.server.delay_seconds)
+            with self.server.counting_in_flight():
+                time.sleep(self.server.delay_seconds)
             self._send(200, jpeg_image(seed))
+        elif seg[0] == "chunked":
+            w, h = int(query.get("w", ["64"])[0]), int(query.get("h", ["48"])[0])
+            self._send_chunked(jpeg_image(seed, w, h))
         elif seg[0] == "png":
             self._send(200, png_rgba(seed), "image/png")
         elif seg[0] == "status":
@@ -217,6 +237,21 @@ class FaultServerHTTP(ThreadingHTTPServer):
         self.slow_seconds = 3.0
         self.delay_seconds = 0.05
         self.robots_mode = ""
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._in_flight_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def counting_in_flight(self) -> Iterator[None]:
+        """Counts the requests inside this block at once; the peak shows the client's concurrency."""
+        with self._in_flight_lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            with self._in_flight_lock:
+                self.in_flight -= 1
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # clients hanging up on slow or faulty endpoints is what the tests do on purpose

@@ -45,15 +45,41 @@ def server():
         yield s
 
 
-def test_opt_out_header_forms() -> None:
-    token = "clipbot"
-    assert opt_out_reason(["noai"], token)
-    assert opt_out_reason(["noindex, NoImageAI"], token)
-    assert opt_out_reason(["clipbot: noai"], token)
-    assert opt_out_reason(["*: noimageai"], token)
-    assert opt_out_reason(["otherbot: noai"], token) is None
-    assert opt_out_reason(["noindex", "nofollow"], token) is None
-    assert opt_out_reason(["unavailable_after: 25 Jun 2030 15:00:00 PST"], token) is None
+@pytest.mark.parametrize(
+    ("headers", "opted_out"),
+    [
+        (["noai"], True),
+        (["noindex, NoImageAI"], True),
+        (["clipbot: noai"], True),
+        (["ClipBot:noimageai"], True),
+        (["*: noimageai"], True),
+        # An agent prefix after unscoped directives scopes only what follows it.
+        (["noindex, clipbot: noai"], True),
+        (["noindex, otherbot: noai"], False),
+        # A prefix scopes every directive after it in the header, up to the next prefix.
+        (["clipbot: nofollow, noai"], True),
+        (["otherbot: noai, noimageai"], False),
+        (["otherbot: noai"], False),
+        (["otherbot: noai, clipbot: noindex"], False),
+        (["otherbot: noindex, clipbot: noimageai"], True),
+        (["clipbotx: noai"], False),
+        # Each header starts unscoped; any one opting us out is enough.
+        (["otherbot: nofollow", "noimageai"], True),
+        (["otherbot: noindex", "otherbot: noai"], False),
+        (["noindex", "nofollow"], False),
+        ([], False),
+        # Directives with a value are not agent prefixes, even when a date's comma splits them.
+        (["unavailable_after: 25 Jun 2030 15:00:00 PST"], False),
+        (["unavailable_after: Friday, 25-Jun-30 15:00:00 GMT, noai"], True),
+        (["max-image-preview: large, noai"], True),
+        (["otherbot: max-snippet: 20, noai"], False),
+    ],
+)
+def test_opt_out_header_forms(headers: list[str], opted_out: bool) -> None:
+    reason = opt_out_reason(headers, "clipbot")
+    assert (reason is not None) == opted_out
+    if opted_out:
+        assert reason in {f"X-Robots-Tag: {h}" for h in headers}
 
 
 def test_address_policy_and_magic_bytes() -> None:
@@ -137,3 +163,40 @@ def test_robots_redirect_followed_and_5xx_disallows_all(
     assert private.status == expected
     # A redirected robots.txt still only disallows /private/; a failing one (5xx) disallows everything.
     assert public.status == ("success" if mode == "redirect" else "robots_disallowed")
+
+
+def test_body_cap_holds_without_content_length(server: FaultServer) -> None:
+    url = server.url("/chunked/7.jpg?w=300&h=300")
+    (capped,) = fetch_all(fast_config(max_bytes=2000), [url])
+    (whole,) = fetch_all(fast_config(), [url])
+    # The chunked body has no Content-Length to refuse up front, so the cap on the bytes read must stop it.
+    assert capped.status == "too_large" and capped.reason.startswith("body larger than 2000")
+    assert whole.status == "success" and whole.data == jpeg_image(7, 300, 300)
+    assert len(whole.data) > 2000
+
+
+@pytest.mark.parametrize("per_host", [2, 4])
+def test_per_host_limit_caps_requests_in_flight(server: FaultServer, per_host: int) -> None:
+    server.httpd.delay_seconds, server.httpd.peak_in_flight = 0.2, 0
+    try:
+        config = fast_config(per_host=per_host, concurrency=64, read_timeout=5.0, total_timeout=10.0)
+        results = fetch_all(config, [server.url(f"/slowimg/{i}.jpg") for i in range(8)])
+    finally:
+        server.httpd.delay_seconds = 0.05
+    assert [r.status for r in results] == ["success"] * 8
+    # Equal, not just at most: the limit is reached, so requests do overlap up to it and no further.
+    assert server.httpd.peak_in_flight == per_host
+
+
+@pytest.mark.parametrize(("target", "reason"), [("blackhole", "connection timeout"), ("slow", "reading")])
+def test_connect_and_read_timeouts_end_long_before_the_total(
+    server: FaultServer, target: str, reason: str
+) -> None:
+    # The server sends nothing for 3 s; a 10 s total alone would let both requests run for seconds.
+    url = server.blackhole_url if target == "blackhole" else server.url("/slow-headers.jpg")
+    config = fast_config(connect_timeout=0.3, read_timeout=0.3, total_timeout=10.0, retries=0)
+    start = time.monotonic()
+    (result,) = fetch_all(config, [url])
+    elapsed = time.monotonic() - start
+    assert result.status == "timeout" and reason in result.reason.lower()
+    assert elapsed < 2.0

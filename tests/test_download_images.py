@@ -70,3 +70,12 @@ def test_bad_settings_raise() -> None:
         ImageConfig(resize_mode="stretch")
     with pytest.raises(ValueError, match="encode_format"):
         ImageConfig(encode_format="png")
+
+
+def test_max_pixels_rejects_before_decoding() -> None:
+    # Far below PIL's own bomb limit, so only our explicit check (on the header's size) can reject it.
+    with pytest.raises(ImageRejected) as info:
+        process_image(jpeg_image(1, 64, 48), ImageConfig(max_pixels=64 * 48 - 1))
+    assert info.value.status == "decompression_bomb"
+    assert info.value.reason == f"64x48 > {64 * 48 - 1} pixels"
+    assert process_image(jpeg_image(1, 64, 48), ImageConfig(image_size=16, max_pixels=64 * 48)).width == 16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 import time
 from pathlib import Path
@@ -192,6 +193,28 @@ def test_csv_jsonl_folders_and_column_names(server: FaultServer, tmp_path: Path)
         assert manifest["num_samples"] == 6
         with tarfile.open(out / "shard-000000.tar") as tar:
             assert tar.getnames()[:3] == ["000000000.webp", "000000000.txt", "000000000.json"]
+
+
+def test_cli_shows_progress_and_ends_with_a_one_line_summary(
+    server: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    urls = [server.url(f"/img/{i}.jpg") for i in range(6)] + [server.url("/status/404")]
+    table = write_table(tmp_path / "in.parquet", urls)
+    out_dir = tmp_path / "out"
+    argv = [str(table), str(out_dir), "--allow-private-addresses", "--image-size", "16"]
+    code = cli_main([*argv, "--user-agent", TEST_USER_AGENT, "--retries", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    # The bar (on stderr) counts rows and shows the images/s and success rate of the run.
+    assert "7/7" in err and re.search(r"\d+ img/s, ok \d+\.\d%", err)
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"7 input rows -> 1 shard(s) of 10000 rows in {out_dir}")
+    assert lines[-2] == "statuses over the whole output: success 6, http_error 1"
+    assert re.fullmatch(
+        rf"downloaded 6/7 rows into 1 shard\(s\) in [\d.]+ s \(\d+ images/s\); 6 samples in the output; "
+        rf"output: {re.escape(str(out_dir))}",
+        lines[-1],
+    )
 
 
 def test_bad_input_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

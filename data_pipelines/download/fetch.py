@@ -7,7 +7,7 @@ Policy, in the order a request meets it:
   `allow_private_addresses` is set (checked on every redirect hop, at DNS-resolution time, so a public name
   cannot redirect or re-resolve the crawler onto its own network);
 * robots.txt is fetched once per origin and cached; a disallowed URL is never requested;
-* `X-Robots-Tag: noai` / `noimageai` (also the user-agent-scoped form `X-Robots-Tag: <token>: noai`) is
+* `X-Robots-Tag: noai` / `noimageai` (also scoped to an agent, `X-Robots-Tag: noindex, <token>: noai`) is
   checked on the response headers before any of the body is read;
 * redirects are followed by hand (each hop goes through the checks above) up to `max_redirects`;
 * the body must be declared as an image (or a generic binary type), be at most `max_bytes`, and start
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import re
 import socket
 from dataclasses import dataclass
 from urllib.robotparser import RobotFileParser
@@ -63,6 +64,9 @@ REDIRECT_HTTP = frozenset({301, 302, 303, 307, 308})
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
 # X-Robots-Tag directives that carry a value after a colon; anything else before a colon is a user agent.
 _VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
+# A user-agent product token. It must start with a letter so that the tail of a date value split at its
+# comma ("unavailable_after: Friday, 25-Jun-10 15:00:00 GMT") is never taken for an agent prefix.
+_AGENT_TOKEN = re.compile(r"\*|[a-z][a-z0-9_.-]*")
 # Content types accepted before the magic-byte check decides: some servers label images generically.
 _GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/binary"})
 _MAX_ROBOTS_BYTES = 512 * 1024
@@ -140,20 +144,21 @@ class PolicyResolver(AbstractResolver):
 def opt_out_reason(header_values: list[str], robots_token: str) -> str | None:
     """The X-Robots-Tag value that opts this crawler out of AI use, or None.
 
-    Handles `noai, noimageai` and the scoped form `<user agent>: noai` (applies when the agent is ours
-    or `*`). Several headers may be present; any one opting out is enough.
+    Each header holds comma-separated directives; `<agent>:` before a directive scopes it and the ones
+    after it in the same header to that agent (`noindex, clipbot: noai, noimageai`), until another agent
+    prefix. Directives before any prefix apply to every agent, as do those scoped to `*` or to our
+    `robots_token`. Several headers may be present; any one opting us out is enough.
     """
     for value in header_values:
-        scope, _, rest = value.partition(":")
-        directives_text = value
-        if rest and scope.strip().lower() not in _VALUED_DIRECTIVES and "," not in scope:
-            token = scope.strip().lower()
-            if token not in ("*", robots_token):
-                continue
-            directives_text = rest
-        directives = {d.strip().lower() for d in directives_text.split(",")}
-        if directives & OPT_OUT_DIRECTIVES:
-            return f"X-Robots-Tag: {value.strip()}"
+        scope: str | None = None  # a new header starts unscoped
+        for item in value.split(","):
+            directive = item.strip().lower()
+            head, colon, rest = directive.partition(":")
+            head = head.strip()
+            if colon and head not in _VALUED_DIRECTIVES and _AGENT_TOKEN.fullmatch(head):
+                scope, directive = head, rest.strip()
+            if directive in OPT_OUT_DIRECTIVES and scope in (None, "*", robots_token):
+                return f"X-Robots-Tag: {value.strip()}"
     return None
 
 
