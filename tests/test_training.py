@@ -57,6 +57,15 @@ def test_vit_b32_is_the_papers_recipe():
     assert cfg.trainer.precision == "bf16-mixed"
 
 
+def test_choosing_the_siglip_loss_initialises_its_scale_and_bias_as_the_paper():
+    from hydra.utils import instantiate
+
+    cfg = _compose("loss=siglip", "model=vit_tiny")
+    model = instantiate(cfg.model)
+    assert model.logit_scale.exp().item() == pytest.approx(10.0, rel=1e-6)
+    assert model.logit_bias.item() == -10.0
+
+
 def test_the_default_config_is_a_small_cpu_run():
     cfg = _compose()
     assert cfg.model.name_or_config == "rn-tiny" and cfg.trainer.accelerator == "cpu"
