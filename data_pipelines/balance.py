@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .candidates.balancing import DEFAULT_MAX_PER_QUERY
 from .candidates.pipeline import run_balance
-from .extract import add_executor_args, executor_config
+from .extract import add_executor_args, executor_config, number
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="the work folder written by data_pipelines.extract")
     p.add_argument("--out", required=True, help="output folder of the balanced candidate table")
     p.add_argument(
-        "--t", type=int, default=DEFAULT_MAX_PER_QUERY, help="pairs per query at most (default: %(default)s)"
+        "--t",
+        type=number(int, 1),
+        default=DEFAULT_MAX_PER_QUERY,
+        help="pairs per query at most (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="selection seed (default: %(default)s)")
+    p.add_argument(
+        "--seed",
+        type=number(int, -(2**63), 2**63 - 1),  # it keys a 64-bit hash
+        default=0,
+        help="selection seed (default: %(default)s)",
+    )
     add_executor_args(p)
     args = p.parse_args(argv)
 

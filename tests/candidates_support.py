@@ -58,20 +58,61 @@ class _Handler(SimpleHTTPRequestHandler):
         pass
 
 
+class InFlight:
+    """Requests being served at this moment, and the most there ever were at once."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+        self._lock = threading.Lock()  # handler threads update it concurrently
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+class _SlowHandler(_Handler):
+    slow_s: float
+    in_flight: InFlight
+
+    def do_GET(self) -> None:
+        with self.in_flight:  # the whole response, so overlapping requests overlap here
+            time.sleep(self.slow_s)
+            super().do_GET()
+
+
+@contextmanager
+def _server(root: Path, handler: type[SimpleHTTPRequestHandler]) -> Iterator[str]:
+    def factory(*args, **kwargs):
+        return handler(*args, directory=str(root), **kwargs)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), factory)  # a thread per request: requests can overlap
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @contextmanager
 def serve(root: Path) -> Iterator[tuple[str, list[tuple[float, str, str]]]]:
     """Serve ``root`` on 127.0.0.1 (a free port); yields (base URL, request log)."""
     log: list[tuple[float, str, str]] = []
-    handler = type("Handler", (_Handler,), {"log": log})
+    with _server(root, type("Handler", (_Handler,), {"log": log})) as base:
+        yield base, log
 
-    def factory(*args, **kwargs):
-        return handler(*args, directory=str(root), **kwargs)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), factory)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", log
-    finally:
-        server.shutdown()
-        server.server_close()
+@contextmanager
+def serve_slowly(root: Path, seconds: float) -> Iterator[tuple[str, InFlight]]:
+    """Serve ``root`` on 127.0.0.1, each response taking ``seconds`` longer; yields (base URL, the
+    counter of requests in flight)."""
+    in_flight = InFlight()
+    handler = type("SlowHandler", (_SlowHandler,), {"log": [], "slow_s": seconds, "in_flight": in_flight})
+    with _server(root, handler) as base:
+        yield base, in_flight

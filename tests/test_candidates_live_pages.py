@@ -1,12 +1,13 @@
 """The live-page crawler against real pages served on 127.0.0.1: robots.txt, depth, same-site links,
-per-host politeness delay, the User-Agent, and broken pages counted."""
+per-host politeness delay and concurrency, the User-Agent, broken pages counted, bad settings refused."""
 
 from __future__ import annotations
 
 import itertools
 from collections import Counter
 
-from candidates_support import serve
+import pytest
+from candidates_support import serve, serve_slowly
 
 from data_pipelines.candidates.records import Candidate, Rejected, Skipped
 from data_pipelines.candidates.sources.live_pages import CrawlConfig, iter_live_pages
@@ -54,3 +55,35 @@ def test_robots_disallow_all_and_unreachable_seed(tmp_path):
         )
     assert Counter(e.reason for e in events) == {"robots_disallowed": 2}  # unreachable robots.txt: disallow
     assert [p for _, p, _ in log] == ["/robots.txt"]
+
+
+@pytest.mark.parametrize("per_host", [1, 2, 3])
+def test_per_host_concurrency_limit(tmp_path, per_host):
+    # Six pages found on the seed, no delay, a slow server: 32 crawl workers want them at once, and the
+    # host's limit alone decides how many requests overlap — exactly per_host, never more.
+    (tmp_path / "robots.txt").write_text("User-agent: *\nAllow: /\n")
+    (tmp_path / "index.html").write_text("".join(f'<a href="p{i}.html">{i}</a>' for i in range(6)))
+    for i in range(6):
+        (tmp_path / f"p{i}.html").write_text(f'<img src="/img/{i}.jpg" alt="picture {i}">')
+    with serve_slowly(tmp_path, 0.25) as (base, in_flight):
+        cfg = CrawlConfig(max_depth=1, delay_s=0, per_host_concurrency=per_host, timeout_s=10)
+        events = list(iter_live_pages([f"{base}/index.html"], cfg))
+    assert sorted(e.text for e in events if isinstance(e, Candidate)) == [f"picture {i}" for i in range(6)]
+    assert in_flight.peak == per_host
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"per_host_concurrency": 0},  # used to hang forever on the host's semaphore
+        {"delay_s": -1.0},
+        {"delay_s": float("nan")},
+        {"max_pages": 0},
+        {"max_depth": -1},
+        {"total_concurrency": 0},
+        {"timeout_s": 0},
+    ],
+)
+def test_bad_crawl_settings_are_refused(bad):
+    with pytest.raises(ValueError, match=f"CrawlConfig.{next(iter(bad))} must be"):
+        CrawlConfig(**bad)

@@ -1,15 +1,26 @@
-"""Whole-word matching rules: casing, Unicode normalisation, punctuation, scripts with and without spaces."""
+"""Whole-word matching rules: casing, Unicode normalisation, punctuation, scripts with and without spaces;
+query lines dropped and counted; the matching benchmark's verdict."""
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from data_pipelines.candidates.matching import QueryMatcher, _words, load_queries, normalize_text
+from data_pipelines.candidates.matching import (
+    QueryMatcher,
+    _words,
+    load_queries,
+    normalize_text,
+    read_query_files,
+)
 
 
 @pytest.mark.parametrize(
@@ -146,3 +157,48 @@ def test_match_ids_equals_substring_rule(queries, texts):
     for text in texts:
         padded = f" {normalize_text(text)} "
         assert m.match_ids(text) == {i for i, q in enumerate(norms) if f" {q} " in padded}
+
+
+def test_undecodable_query_lines_are_counted(tmp_path):
+    path = tmp_path / "q.txt"
+    path.write_bytes(b"dog\ncaf\xe9\n\n\xff\xfe\ncat\n")  # two lines of Latin-1, not UTF-8
+    assert read_query_files([path]) == (["dog", "cat"], {"undecodable": 2})
+    assert load_queries([path]) == ["dog", "cat"]
+
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "bench_matching.py"
+
+
+def test_matching_benchmark_ends_with_a_verdict():
+    # A tiny run of the real script: its table, the two matchers agreeing, and the verdict as last line.
+    # Whether the goals are met depends on the machine, so only the form of the verdict is checked.
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--queries", "2000", "--texts", "6000", "--processes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert any(line.startswith("| 2 processes, texts/s per core") for line in lines)
+    assert re.fullmatch(
+        r"verdict \(word-ngrams\): ≥ 100,000 texts/s per core (PASS|MISSED) \([\d,]+ with 2 process\(es\); "
+        r"[\d,]+ per CPU-second\); near-linear scaling (PASS|MISSED) \(1 → 2 processes: [\d.]+×, \d+% of "
+        r"linear, goal ≥ 80%\)",
+        lines[-1],
+    ), lines[-1]
+
+
+def test_benchmark_verdict_says_pass_or_missed_with_the_value():
+    spec = importlib.util.spec_from_file_location("bench_matching", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fast = {"one_wall": 150_000.0, "pool_wall": 290_000.0, "pool_cpu": 160_000.0}
+    line = bench.verdict("word-ngrams", fast, 2)
+    assert "per core PASS (145,000 with 2" in line and "scaling PASS (1 → 2 processes: 1.93×, 97% of" in line
+    slow = {"one_wall": 90_000.0, "pool_wall": 100_000.0, "pool_cpu": 95_000.0}
+    line = bench.verdict("word-ngrams", slow, 2)
+    assert (
+        "per core MISSED (50,000 with 2" in line and "scaling MISSED (1 → 2 processes: 1.11×, 56% of" in line
+    )
+    assert "scaling NOT MEASURED" in bench.verdict("word-ngrams", fast, 1)

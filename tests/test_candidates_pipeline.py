@@ -1,5 +1,6 @@
 """The whole pipeline on real files through its CLIs: every row accounted for, the output contract the
-downloader reads, restartable jobs, the submitit job-array path, and independence from the partitioning."""
+downloader reads, restartable jobs, the submitit job-array path, independence from the partitioning, and
+bad arguments or a stale output folder refused before any work."""
 
 from __future__ import annotations
 
@@ -42,8 +43,13 @@ def inputs(tmp_path_factory):
     write_gzip_csv(d / "part2.csv.gz", body.getvalue() + "http://img.example.com/z.jpg,a,b\n")  # malformed
     page = '<img src="/a.jpg" alt="Blue whale!"><img src="b.jpg" alt="a red car"><img src="c.jpg">'
     write_warc(d / "crawl.warc.gz", [("https://www.example.org/sea/page.html", page)])
-    (d / "queries.txt").write_text("\n".join(QUERIES) + "\n")
+    # Plus three lines that never become queries, to be reported: a duplicate after normalisation, one of
+    # nothing but punctuation, one that is not UTF-8.
+    (d / "queries.txt").write_bytes(("\n".join(QUERIES) + "\nDOG!\n!!!\n").encode() + b"caf\xe9\n")
     return d
+
+
+QUERIES_DROPPED = {"duplicate_after_normalisation": 1, "empty_after_normalisation": 1, "undecodable": 1}
 
 
 def _run(inputs, work, out, buckets=3, t=40, seed=0, executor="processes", tables=None, warc=True):
@@ -66,8 +72,13 @@ def test_end_to_end(inputs, tmp_path, capsys):
     stats = _run(inputs, tmp_path / "work", tmp_path / "out")
     summary = capsys.readouterr().out.strip().splitlines()
     assert summary[-1].startswith("kept ") and str(tmp_path / "out") in summary[-1]
+    extracted = next(line for line in summary if line.startswith("extracted "))
+    assert "12 queries, query lines dropped: 1 duplicate_after_normalisation, " in extracted
+    assert "1 empty_after_normalisation, 1 undecodable;" in extracted
     check_accounting(stats)
+    assert stats["queries_dropped"] == QUERIES_DROPPED
     tot = stats["totals"]
+    assert tot["queries"] == len(QUERIES) and tot["queries_dropped"] == 3
     assert tot["rows"] == 1203 + 1 + 3  # table rows (incl. one malformed) + WARC images
     assert stats["rejected"] == {"data_uri": 1, "missing_url": 1, "malformed_row": 1, "img_without_text": 1}
     assert tot["unmatched"] == 1 and tot["duplicates"] > 0
@@ -122,7 +133,7 @@ def test_finished_jobs_are_not_run_again(inputs, tmp_path):
         url_column="URL",
         text_column="TEXT",
         n_buckets=2,
-    )
+    ).jobs
     cfg = ExecutorConfig(kind="processes", workers=1)
     run_extract_pass(specs, cfg)
     first = run_balance(work, out, 40, 0, cfg)
@@ -132,6 +143,69 @@ def test_finished_jobs_are_not_run_again(inputs, tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
     with pytest.raises(ValueError, match="another plan"):
         plan_extract(work, [str(inputs / "queries.txt")], [str(inputs)], url_column="URL", text_column="TEXT")
+
+
+def test_out_folder_of_another_selection_is_refused(inputs, tmp_path, capsys):
+    # Finished select jobs are never re-run, so balancing into an out folder made with another t, seed or
+    # extraction would silently keep the old part files under new stats; it must fail instead.
+    work, out = tmp_path / "work", tmp_path / "out"
+    _run(inputs, work, out, t=40, seed=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    other_work = tmp_path / "other_work"
+    assert extract.main([*_extract_args(inputs, other_work), "--tables", str(inputs / "part1.parquet")]) == 0
+    for work_dir, t, seed, made_with in [
+        (work, 5, 0, "t = 40, seed = 0, not t = 5, seed = 0"),
+        (work, 40, 1, "t = 40, seed = 0, not t = 40, seed = 1"),
+        (other_work, 40, 0, "t = 40, seed = 0 from another extraction"),
+    ]:
+        capsys.readouterr()
+        args = ["--work", str(work_dir), "--out", str(out), "--t", str(t), "--seed", str(seed)]
+        assert balance.main(args) == 2
+        err = capsys.readouterr().err
+        assert made_with in err and "use a fresh --out folder or delete" in err
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}  # nothing touched
+    # The same selection again is a no-op; another t into a fresh folder really applies the new t.
+    assert balance.main(["--work", str(work), "--out", str(out), "--t", "40"]) == 0
+    assert balance.main(["--work", str(work), "--out", str(tmp_path / "out5"), "--t", "5"]) == 0
+    stats5 = json.loads((tmp_path / "out5" / "stats.json").read_text())
+    assert stats5["t"] == 5 and 0 < max(c["kept"] for c in stats5["per_query"].values()) <= 5
+    assert len(_table(tmp_path / "out5")) == stats5["totals"]["kept"]
+
+
+def _extract_args(inputs, work) -> list[str]:
+    columns = ["--url-column", "URL", "--text-column", "TEXT"]
+    return ["--queries", str(inputs / "queries.txt"), *columns, "--work", str(work), "--workers", "1"]
+
+
+@pytest.mark.parametrize(
+    ("module", "flag", "value"),
+    [
+        (extract, "--per-host", "0"),  # would hang a crawl forever
+        (extract, "--delay", "-1"),
+        (extract, "--delay", "nan"),
+        (extract, "--max-pages", "0"),
+        (extract, "--max-depth", "-1"),
+        (extract, "--workers", "0"),
+        (extract, "--buckets", "0"),
+        (extract, "--mem-gb", "0"),
+        (extract, "--per-host", "two"),
+        (balance, "--t", "0"),
+        (balance, "--workers", "-2"),
+        (balance, "--timeout-min", "0"),
+        (balance, "--seed", str(2**63)),  # keys a 64-bit hash
+    ],
+)
+def test_bad_numbers_fail_before_any_work(inputs, tmp_path, capsys, module, flag, value):
+    if module is extract:
+        args = [*_extract_args(inputs, tmp_path / "w"), "--tables", str(inputs / "part1.parquet")]
+    else:  # refused while parsing, so even before the work folder is looked at
+        args = ["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        module.main([*args, f"{flag}={value}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and ("must be" in err or "expected an integer" in err)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
 
 
 def test_submitit_local_executor_runs_the_passes_as_job_arrays(inputs, tmp_path):
@@ -145,7 +219,7 @@ def test_submitit_local_executor_runs_the_passes_as_job_arrays(inputs, tmp_path)
         url_column="URL",
         text_column="TEXT",
         n_buckets=2,
-    )
+    ).jobs
     cfg = ExecutorConfig(kind="local", log_dir=str(tmp_path / "logs"), timeout_min=5)
     run_extract_pass(specs, cfg)
     stats = run_balance(work, out, 40, 0, cfg)

@@ -1,8 +1,9 @@
-"""Candidate sources on real files: parquet, gzip CSV, JSONL, a warcio-written WARC; URL normalisation;
-bad input skipped and counted by reason, never a crash."""
+"""Candidate sources on real files: parquet, gzip CSV, TSV, JSONL (plain and gzip), a warcio-written WARC;
+URL normalisation; bad input skipped and counted by reason, never a crash."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 
@@ -13,7 +14,7 @@ from candidates_support import write_gzip_csv, write_warc
 
 from data_pipelines.candidates.records import Candidate, Rejected, Skipped
 from data_pipelines.candidates.sources.html_images import extract_images, page_events
-from data_pipelines.candidates.sources.tables import check_tables, expand_paths, iter_table
+from data_pipelines.candidates.sources.tables import check_tables, expand_paths, iter_table, table_format
 from data_pipelines.candidates.sources.warc import iter_warc
 from data_pipelines.candidates.urls import normalize_url
 
@@ -97,6 +98,38 @@ def test_jsonl_with_garbage_lines(tmp_path):
     candidates, rejected, _ = _by_type(list(iter_table(path, "u", "t")))
     assert [c.text for c in candidates] == ["cat"]
     assert rejected == {"malformed_row": 2, "non_string_text": 1}
+
+
+def test_tsv_keeps_commas_and_counts_short_rows(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text(
+        "id\tcaption\turl\n"
+        "1\ta dog, a cat\thttp://a.example.com/1.jpg\n"
+        "2\tmissing its url\n"  # one field short
+        "3\t\thttp://a.example.com/3.jpg\n"
+    )
+    check_tables([path], "url", "caption")
+    candidates, rejected, _ = _by_type(list(iter_table(path, "url", "caption")))
+    assert candidates == [Candidate("http://a.example.com/1.jpg", "a dog, a cat", f"{path}:0")]
+    assert rejected == {"malformed_row": 1, "empty_text": 1}
+
+
+def test_gzip_jsonl(tmp_path):
+    path = tmp_path / "e.jsonl.gz"
+    lines = [{"u": "http://a.example.com/1.jpg", "t": "Grüße aus Köln"}, {"u": None, "t": "x"}, {"t": "y"}]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines) + "\n{broken\n")
+    check_tables([path], "u", "t")
+    candidates, rejected, _ = _by_type(list(iter_table(path, "u", "t")))
+    assert [(c.url, c.text) for c in candidates] == [("http://a.example.com/1.jpg", "Grüße aus Köln")]
+    assert rejected == {"missing_url": 2, "malformed_row": 1}
+
+
+def test_gzip_parquet_is_refused_before_work(tmp_path):
+    # Parquet needs random access; a .parquet.gz used to be accepted and then fail (or be lost) mid-run.
+    with pytest.raises(ValueError, match="gzip-compressed parquet"):
+        table_format(tmp_path / "a.parquet.gz")
+    assert table_format(tmp_path / "a.TSV.gz") == "tsv" and table_format("b.ndjson") == "jsonl"
 
 
 def test_truncated_gzip_is_counted(tmp_path):

@@ -160,8 +160,10 @@ class QueryMatcher:
         return sorted(self.queries[qid] for qid in self.match_ids(text))
 
 
-def load_queries(paths: Sequence[str | Path]) -> list[str]:
-    """Queries from plain files (one per line, UTF-8, blank lines ignored), in file then line order.
+def read_query_files(paths: Sequence[str | Path]) -> tuple[list[str], Counter[str]]:
+    """Queries from plain files (one per line, UTF-8, blank lines ignored), in file then line order, and
+    the lines dropped by reason: ``undecodable`` for a line that is not valid UTF-8 (it holds U+FFFD after
+    decoding), which could never match what its author meant.
 
     Raises before any work: FileNotFoundError for a missing file, ValueError for an empty list.
     """
@@ -171,9 +173,21 @@ def load_queries(paths: Sequence[str | Path]) -> list[str]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"query file not found: {path}")
     queries: list[str] = []
+    dropped: Counter[str] = Counter()
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:
-            queries.extend(q for line in f if (q := line.strip()) and "\ufffd" not in q)
+            for line in f:
+                if not (query := line.strip()):
+                    continue
+                if "\ufffd" in query:
+                    dropped["undecodable"] += 1
+                else:
+                    queries.append(query)
     if not queries:
         raise ValueError(f"the query list is empty: {', '.join(map(str, paths))}")
-    return queries
+    return queries, dropped
+
+
+def load_queries(paths: Sequence[str | Path]) -> list[str]:
+    """The queries of ``read_query_files``, without the drop counts."""
+    return read_query_files(paths)[0]

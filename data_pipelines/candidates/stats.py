@@ -48,8 +48,11 @@ def build_stats(
     t: int,
     seed: int,
     n_queries: int,
+    queries_dropped: dict[str, int] | None = None,
 ) -> dict:
-    """The stats JSON: totals, every rejection reason with its count, per-query matched and kept."""
+    """The stats JSON: totals, every rejection reason with its count, per-query matched and kept, and
+    the query lines that never became queries (``queries_dropped``, by reason)."""
+    queries_dropped = dict(sorted((queries_dropped or {}).items()))
     kept = sum(kept_per_query.values())
     dropped = tally.matched - sum(duplicates.values()) - kept
     per_query = {
@@ -66,12 +69,14 @@ def build_stats(
             "dropped_by_balancing": dropped,
             "kept": kept,
             "queries": n_queries,
+            "queries_dropped": sum(queries_dropped.values()),
             "queries_matched": len(matched_per_query),
             "queries_at_limit": sum(1 for n in kept_per_query.values() if n >= t),
         },
         "rejected": dict(sorted(tally.rejected.items())),
         "duplicates": dict(sorted(duplicates.items())),
         "skipped": dict(sorted(tally.skipped.items())),
+        "queries_dropped": queries_dropped,
         "per_query": per_query,
     }
 

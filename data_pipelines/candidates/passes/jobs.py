@@ -141,6 +141,12 @@ class BucketSpec:
     t: int
     seed: int
     out: str = ""  # the selection pass only
+    plan_sha256: str = ""  # the selection pass only: identifies the extraction it selects from
+
+
+def selection_id(spec: BucketSpec) -> dict:
+    """Everything a select job's output depends on besides its bucket; recorded in its marker."""
+    return {"t": spec.t, "seed": spec.seed, "plan_sha256": spec.plan_sha256}
 
 
 def run_count(spec: BucketSpec) -> dict:
@@ -207,6 +213,9 @@ def run_select(spec: BucketSpec) -> dict:
     work, out = Path(spec.work), Path(spec.out)
     marker = layout.select_marker(out, spec.bucket)
     if (done := layout.read_marker(marker)) is not None:
+        # The driver refuses such a folder up front; this catches a concurrent run with other settings.
+        if done.get("selection") != selection_id(spec):
+            raise RuntimeError(f"{marker} belongs to another selection ({done.get('selection')})")
         return done | {"skipped_as_done": True}
     thresholds = read_thresholds(layout.thresholds_file(work, spec.t, spec.seed), spec.t, spec.seed)
     unique, _ = deduplicate(read_bucket(work, spec.bucket), spec.seed)
@@ -223,6 +232,11 @@ def run_select(spec: BucketSpec) -> dict:
         tmp,
     )
     os.replace(tmp, path)
-    result = {"bucket": spec.bucket, "kept": len(kept), "kept_per_query": Counter(k.query for k in kept)}
+    result = {
+        "bucket": spec.bucket,
+        "selection": selection_id(spec),
+        "kept": len(kept),
+        "kept_per_query": Counter(k.query for k in kept),
+    }
     layout.write_json(marker, result)
     return result

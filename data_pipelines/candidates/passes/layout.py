@@ -35,6 +35,8 @@ def part_file(out: Path, bucket: int) -> Path:
 
 
 def select_marker(out: Path, bucket: int) -> Path:
+    # Unlike the counts, select outputs are not kept apart by t and seed (the part files are the product);
+    # the marker records the selection instead, and the driver refuses an out folder of another one.
     return out / "_select" / f"part-{bucket:05d}.json"
 
 

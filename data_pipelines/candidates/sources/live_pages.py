@@ -12,6 +12,7 @@ just another source for the extraction step.
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,24 @@ class CrawlConfig:
     total_concurrency: int = 32
     timeout_s: float = 30.0
     max_bytes: int = 5 << 20
+
+    def __post_init__(self) -> None:
+        # Checked here, not only in the CLI: a concurrency of 0 makes every request wait forever on its
+        # host's semaphore (the crawl hangs), and a negative delay would silently mean "no delay".
+        lowest = {
+            "max_depth": 0,
+            "max_pages": 1,
+            "delay_s": 0,
+            "per_host_concurrency": 1,
+            "total_concurrency": 1,
+            "max_bytes": 1,
+        }
+        for name, low in lowest.items():
+            value = getattr(self, name)
+            if not (value >= low and math.isfinite(value)):  # written so that NaN fails too
+                raise ValueError(f"CrawlConfig.{name} must be a finite number ≥ {low}, got {value}")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ValueError(f"CrawlConfig.timeout_s must be a finite number > 0, got {self.timeout_s}")
 
 
 DEFAULT_CRAWL = CrawlConfig()

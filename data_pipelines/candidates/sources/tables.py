@@ -1,4 +1,4 @@
-"""Tables of (image URL, text) rows: parquet, CSV, TSV and JSON lines, each optionally gzip-compressed.
+"""Tables of (image URL, text) rows: parquet, and CSV, TSV and JSON lines, each optionally gzip-compressed.
 
 ``check_tables`` validates files and columns before any work starts; ``iter_table`` then streams one
 file, yielding one Candidate or Rejected per row (provenance "path:row", rows counted from 0).
@@ -25,14 +25,20 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def table_format(path: str | Path) -> str:
-    """ "parquet", "csv", "tsv" or "jsonl" from the file name (".gz" allowed after the suffix)."""
+    """ "parquet", "csv", "tsv" or "jsonl" from the file name (".gz" allowed after a text format's suffix)."""
+    if str(path).lower().endswith(".parquet.gz"):
+        # A parquet reader needs random access (the footer is at the end), which a gzip stream lacks; and
+        # parquet compresses its column chunks itself, so such files are rare. Refused before any work.
+        raise ValueError(f"gzip-compressed parquet cannot be read, decompress it first (gunzip): {path}")
     name = str(path).lower().removesuffix(".gz")
     for suffix, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv")):
         if name.endswith(suffix):
             return fmt
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
-    raise ValueError(f"unknown table format (expected one of {', '.join(TABLE_SUFFIXES)}[.gz]): {path}")
+    raise ValueError(
+        f"unknown table format (expected .parquet, or one of {', '.join(TABLE_SUFFIXES[1:])}[.gz]): {path}"
+    )
 
 
 def expand_paths(paths: Sequence[str | Path], suffixes: tuple[str, ...]) -> list[Path]:
