@@ -17,6 +17,7 @@ import os
 import traceback
 import uuid
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
@@ -26,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("clip_train")
@@ -67,8 +69,8 @@ for _name, _fn in (("wandb_offline", _wandb_offline), ("run_id", _run_id)):
 
 
 # ------------------------------------------------------------------------------------ checks up front
-def world_size(trainer_cfg: DictConfig) -> int:
-    """Processes the trainer will launch: devices per node × nodes (devices "auto" = visible GPUs or 1)."""
+def configured_world_size(trainer_cfg: DictConfig) -> int:
+    """Processes the trainer config wants: devices per node × nodes ("auto" devices: visible GPUs or 1)."""
     devices = trainer_cfg.get("devices", 1)
     if devices in ("auto", -1, "-1"):
         accelerator = trainer_cfg.get("accelerator", "auto")
@@ -77,6 +79,42 @@ def world_size(trainer_cfg: DictConfig) -> int:
     elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
         devices = len(devices)
     return int(devices) * int(trainer_cfg.get("num_nodes", 1))
+
+
+def launched_world_size(environ: Mapping[str, str] | None = None) -> tuple[int, str] | None:
+    """(processes, where that number came from) when an external launcher started the processes, else None.
+
+    Follows Lightning's own detection, because Lightning takes its world from these variables and not from
+    the trainer config: SLURM tasks (srun, the submitit launcher) unless the job is named "bash" or
+    "interactive" (Lightning's opt-out), then torchrun's WORLD_SIZE. Lightning's own child processes also
+    carry WORLD_SIZE, but without torchrun's GROUP_RANK, so a stale value left by an earlier job of a local
+    sweep is not mistaken for a launcher's."""
+    env = os.environ if environ is None else environ
+    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return int(env["SLURM_NTASKS"]), f"SLURM started {env['SLURM_NTASKS']} tasks (SLURM_NTASKS)"
+    if all(k in env for k in ("WORLD_SIZE", "RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")):
+        return int(env["WORLD_SIZE"]), f"torchrun started {env['WORLD_SIZE']} processes (WORLD_SIZE)"
+    return None
+
+
+def world_size(trainer_cfg: DictConfig, environ: Mapping[str, str] | None = None) -> int:
+    """Processes the run will have, the divisor of the global batch.
+
+    Under SLURM or torchrun the launcher has already fixed the world, and Lightning joins every process it
+    started whatever trainer.num_nodes says; a trainer config that disagrees would silently give each rank
+    the wrong share of the global batch (e.g. a 4-node sweep with num_nodes=1: a 4× larger global batch).
+    Such a mismatch is a ConfigError."""
+    configured = configured_world_size(trainer_cfg)
+    launched = launched_world_size(environ)
+    if launched is not None and launched[0] != configured:
+        raise ConfigError(
+            f"{launched[1]}, but the trainer config asks for {configured} processes "
+            f"(trainer.devices={trainer_cfg.get('devices', 1)} × trainer.num_nodes="
+            f"{trainer_cfg.get('num_nodes', 1)}), so the per-rank batch would be wrong. Under SLURM add "
+            "trainer=slurm (devices and nodes then follow the job), or set trainer.devices and "
+            "trainer.num_nodes to match the launch"
+        )
+    return configured
 
 
 def per_rank_batch_size(global_batch_size: int, world: int) -> int:
@@ -101,6 +139,44 @@ def check_hardware(cfg: DictConfig) -> None:
             f"the trainer config (strategy {target or strategy}, accelerator {accelerator}) needs CUDA, "
             "but torch sees no GPU here; use trainer=cpu or trainer=ddp_cpu on this machine"
         )
+
+
+def build_strategy(cfg: DictConfig) -> Strategy | str:
+    """The trainer's strategy, carrying the module's gradient clipping where Lightning cannot apply it.
+
+    The module clips in its own optimiser step (optimisation is manual), through Lightning's clip_gradients.
+    Under DeepSpeed that call is a silent no-op: the engine clips inside its step, by the `gradient_clipping`
+    of its own config, so the norm goes there. Under FSDP Lightning refuses norm clipping, but only at the
+    first step; say so before anything is built."""
+    strategy_cfg = cfg.trainer.get("strategy", "auto")
+    clip = cfg.module.get("gradient_clip_norm")
+    if isinstance(strategy_cfg, DictConfig):
+        strategy = instantiate(strategy_cfg)
+    elif (
+        clip is not None
+        and strategy_cfg in StrategyRegistry
+        and issubclass(StrategyRegistry[strategy_cfg]["strategy"], DeepSpeedStrategy | FSDPStrategy)
+    ):
+        # A registered name such as "deepspeed_stage_2": build the object, to configure its clipping.
+        strategy = StrategyRegistry.get(strategy_cfg)
+    else:
+        return strategy_cfg
+    if clip is None:
+        return strategy
+    if isinstance(strategy, DeepSpeedStrategy):
+        set_in_config = strategy.config.get("gradient_clipping")
+        if set_in_config not in (None, 0, 0.0, clip):
+            raise ConfigError(
+                f"module.gradient_clip_norm={clip} disagrees with gradient_clipping={set_in_config} in the "
+                "DeepSpeed config; set one of them"
+            )
+        strategy.config["gradient_clipping"] = float(clip)
+    elif isinstance(strategy, FSDPStrategy):
+        raise ConfigError(
+            f"module.gradient_clip_norm={clip} cannot be applied under FSDP (Lightning does not clip sharded "
+            "gradients by norm); set module.gradient_clip_norm=null or use trainer=deepspeed_zero3"
+        )
+    return strategy
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -137,6 +213,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(
             f"micro_batch_size={cfg.micro_batch_size} must lie in [1, per-rank batch {batch_size}]"
         )
+    strategy = build_strategy(cfg)
     pl.seed_everything(cfg.seed, workers=True)
 
     model = instantiate(cfg.model)
@@ -155,7 +232,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False
+    )
 
     ckpt = resume_checkpoint(cfg)
     log.info("run directory %s; %s", cfg.paths.run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")

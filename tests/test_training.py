@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,19 @@ from omegaconf import OmegaConf
 from clip_train.data import ShardError
 from clip_train.losses import ContrastiveLoss
 from clip_train.models import build_model
-from clip_train.train import CONFIG_DIR, ConfigError, check_hardware, per_rank_batch_size, train, world_size
+from clip_train.train import (
+    CONFIG_DIR,
+    ConfigError,
+    build_strategy,
+    check_hardware,
+    per_rank_batch_size,
+    resume_checkpoint,
+    train,
+    world_size,
+)
 from clip_train.training.csv_logger import read_metrics
 from clip_train.training.lightning_module import CLIPTrainingModule, NonFiniteLossError
+from clip_train.training.optim import warmup_cosine_schedule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The distillation experiments build their student from a teacher checkpoint: tests/test_distill_training.py.
@@ -55,6 +67,11 @@ def test_vit_b32_is_the_papers_recipe():
     assert cfg.optimizer.eps == 1e-6 and cfg.optimizer.weight_decay == 0.2
     assert cfg.scheduler.warmup_steps == 2000 and cfg.trainer.max_epochs == 32
     assert cfg.trainer.precision == "bf16-mixed"
+    # The data module takes its image size and context length from the model (train.py fills the nulls).
+    assert cfg.data.image_size is None and cfg.data.context_length is None
+    with torch.device("meta"):
+        model = build_model(cfg.model.name_or_config)
+    assert model.image_size == 224 and model.context_length == 77
 
 
 def test_choosing_the_siglip_loss_initialises_its_scale_and_bias_as_the_paper():
@@ -86,6 +103,105 @@ def test_the_global_batch_must_divide_over_the_world():
     assert world_size(OmegaConf.create({"devices": 4, "num_nodes": 2})) == 8
 
 
+# What srun (or the submitit launcher) exports to each of 4 nodes × 8 tasks; Lightning reads these too.
+SLURM_4_NODES = {
+    "SLURM_JOB_NAME": "clip_train", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "32", "SLURM_NNODES": "4",
+    "SLURM_NTASKS_PER_NODE": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+}  # fmt: skip
+
+
+def _slurm_job(monkeypatch, variables: dict[str, str] = SLURM_4_NODES) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_slurm_sweep_with_trainer_slurm_splits_the_batch_over_every_task(monkeypatch):
+    _slurm_job(monkeypatch)
+    cfg = _compose("hydra/launcher=slurm", "trainer=slurm", "+experiment=vit_b32", "data.train_shards=x")
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (8, 4)
+    assert per_rank_batch_size(cfg.global_batch_size, world_size(cfg.trainer)) == 32768 // 32
+
+
+def test_a_trainer_that_disagrees_with_the_slurm_job_is_refused_before_training(monkeypatch, tmp_path):
+    """The old README sweep: 4 nodes, but the experiment's trainer=gpu counts one node's GPUs."""
+    _slurm_job(monkeypatch)
+    cfg = _compose("hydra/launcher=slurm", "+experiment=vit_b32", "data.train_shards=x")
+    with pytest.raises(ConfigError, match=r"SLURM started 32 tasks .* add trainer=slurm"):
+        world_size(cfg.trainer)
+    # The whole program stops there too (a CPU trainer, so that the CUDA check does not answer first).
+    cfg = _compose("trainer=cpu", "data.train_shards=x", f"paths.run_dir={tmp_path}/run")
+    with pytest.raises(ConfigError, match="SLURM started 32 tasks"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_slurm_variables_of_an_interactive_job_and_torchrun_follow_lightnings_rules(monkeypatch):
+    single = OmegaConf.create({"devices": 1, "num_nodes": 1})
+    # Lightning ignores SLURM in a job named "interactive" (its opt-out), so the trainer config rules.
+    _slurm_job(monkeypatch, {**SLURM_4_NODES, "SLURM_JOB_NAME": "interactive"})
+    assert world_size(single) == 1
+    monkeypatch.delenv("SLURM_NTASKS")
+    torchrun = {"WORLD_SIZE": "4", "RANK": "0", "GROUP_RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    _slurm_job(monkeypatch, torchrun)
+    assert world_size(OmegaConf.create({"devices": 2, "num_nodes": 2})) == 4
+    with pytest.raises(ConfigError, match="torchrun started 4 processes"):
+        world_size(single)
+    # WORLD_SIZE alone is what Lightning's own launcher leaves behind, not a launch: ignored.
+    for name in ("RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    assert world_size(single) == 1
+
+
+def _sbatch(tmp_path: Path, args: list[str], **variables: str) -> list[str]:
+    """Run scripts/slurm/train.sbatch as SLURM would; returns the arguments it hands to srun."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    # No SLURM here: this srun only records the command line it was given.
+    (bin_dir / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_RECORD"\n')
+    (bin_dir / "srun").chmod(0o755)
+    record = tmp_path / "srun_args.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_RECORD": str(record),
+                "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_NAME": "clip_train", "SLURM_JOB_ID": "100",
+                **variables})  # fmt: skip
+    subprocess.run(["bash", str(REPO_ROOT / "scripts/slurm/train.sbatch"), *args], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    return record.read_text().splitlines()
+
+
+def test_each_sbatch_job_gets_its_own_run_directory_and_a_requeue_finds_it_again(tmp_path):
+    def run_names(args: list[str], **variables: str) -> list[str]:
+        return [a for a in _sbatch(tmp_path, args, **variables) if a.startswith("run_name=")]
+
+    lr3, lr5 = ["+experiment=vit_b32", "optimizer.lr=3e-4"], ["+experiment=vit_b32", "optimizer.lr=5e-4"]
+    first = run_names(lr3)
+    assert len(first) == 1 and first[0].startswith("run_name=clip_train-")
+    assert run_names(lr3, SLURM_RESTART_COUNT="1") == first  # the requeued job
+    assert run_names(lr3, SLURM_JOB_ID="101") == first  # the same command resubmitted after a crash
+    assert run_names(lr5) != first  # another job: another directory
+    assert run_names(lr3, SLURM_JOB_NAME="b32") != first
+    assert run_names(lr3, SLURM_ARRAY_TASK_ID="3") == [first[0] + "-3"]
+    assert run_names([*lr3, "run_name=mine"]) == ["run_name=mine"]  # the user's choice wins
+    command = _sbatch(tmp_path, lr3)
+    assert command[:4] == [".venv/bin/python", "-m", "clip_train", "trainer=slurm"]
+
+
+def test_resume_takes_the_newest_of_last_and_the_slurm_preemption_checkpoints(tmp_path):
+    cfg = OmegaConf.create({"resume": True, "paths": {"run_dir": str(tmp_path)}})
+    assert resume_checkpoint(cfg) is None  # a fresh run directory
+    (tmp_path / "checkpoints").mkdir()
+    names = ("checkpoints/last.ckpt", "hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt")
+    files = {name: tmp_path / name for name in names}
+    for age, path in zip((30, 20, 10), files.values()):  # seconds ago: hpc_ckpt_2 is the newest
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - age, time.time() - age))
+    assert resume_checkpoint(cfg) == str(files["hpc_ckpt_2.ckpt"])
+    os.utime(files["checkpoints/last.ckpt"])  # steps trained after the requeue: last.ckpt is newer again
+    assert resume_checkpoint(cfg) == str(files["checkpoints/last.ckpt"])
+    cfg.resume = False
+    assert resume_checkpoint(cfg) is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
 @pytest.mark.parametrize("trainer", ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp", "gpu"])
 def test_gpu_only_strategies_fail_clearly_without_cuda(trainer):
@@ -103,6 +219,26 @@ def test_deepspeed_configs_build_their_strategy(stage):
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, DeepSpeedStrategy)
     assert strategy.config["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.parametrize(
+    "trainer", [["trainer=deepspeed_zero2"], ["trainer=gpu", "trainer.strategy=deepspeed_stage_3"]]
+)
+def test_gradient_clipping_is_handed_to_deepspeed_which_ignores_lightnings(trainer):
+    """Lightning's clip_gradients does nothing under DeepSpeed; the engine clips by its config's value."""
+    cfg = _compose(*trainer, "module.gradient_clip_norm=0.5", "data.train_shards=x")
+    assert build_strategy(cfg).config["gradient_clipping"] == 0.5
+    cfg = _compose(*trainer, "data.train_shards=x")
+    strategy = build_strategy(cfg)
+    # No clipping asked: a registered name stays a name, and a built strategy gets no gradient_clipping.
+    assert strategy == "deepspeed_stage_3" or "gradient_clipping" not in strategy.config
+
+
+def test_gradient_clipping_under_fsdp_is_refused_up_front():
+    cfg = _compose("trainer=fsdp", "module.gradient_clip_norm=1.0", "data.train_shards=x")
+    with pytest.raises(ConfigError, match="under FSDP"):
+        build_strategy(cfg)
+    assert build_strategy(_compose("trainer=ddp_cpu", "module.gradient_clip_norm=1.0")) == "ddp"
 
 
 def test_missing_shards_are_reported_before_training(tmp_path):
@@ -142,9 +278,9 @@ def _fit(
     start_logit_scale: float | None = None,
     precision: str | pl.plugins.Precision = "32-true",
     micro_batch_size: int | None = None,
+    gradient_clip_norm: float | None = 1.0,
+    callbacks: list[pl.Callback] | None = None,
 ) -> CLIPTrainingModule:
-    from functools import partial
-
     torch.manual_seed(0)
     model = build_model("vit-tiny")
     if start_logit_scale is not None:  # e.g. a checkpoint saved by code that did not clamp
@@ -155,14 +291,15 @@ def _fit(
         ContrastiveLoss(check_finite=False),
         partial(torch.optim.AdamW, lr=1e-3),
         max_consecutive_nonfinite=max_consecutive_nonfinite,
-        gradient_clip_norm=1.0,
+        gradient_clip_norm=gradient_clip_norm,
         micro_batch_size=micro_batch_size,
     )
     precision_arg = (
         {"plugins": [precision]} if isinstance(precision, pl.plugins.Precision) else {"precision": precision}
     )
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, **precision_arg)  # fmt: skip
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         **precision_arg)  # fmt: skip
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     return module
 
@@ -198,6 +335,65 @@ def test_the_temperature_is_clamped_after_every_step():
     assert module.model.logit_scale.exp().item() == pytest.approx(100.0)
 
 
+class _GradientNorms(pl.Callback):
+    """The global gradient norm the optimiser is about to apply, at every step."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        grads = [p.grad.flatten() for p in module.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
+
+
+def test_gradient_clip_norm_caps_the_norm_the_optimiser_applies():
+    free, clipped = _GradientNorms(), _GradientNorms()
+    _fit(_Batches(2), gradient_clip_norm=None, callbacks=[free])
+    _fit(_Batches(2), gradient_clip_norm=0.05, callbacks=[clipped])
+    assert len(free.norms) == 2 and min(free.norms) > 0.5  # so the cap below binds at every step
+    assert clipped.norms == pytest.approx([0.05] * 2, rel=1e-4)
+
+
+def test_weight_decay_skips_gains_biases_embeddings_and_the_logit_scale():
+    model = build_model("vit-tiny")
+    adamw = partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.2)
+    module = CLIPTrainingModule(model, ContrastiveLoss(), adamw)
+    optimizer = module.configure_optimizers()  # no scheduler: the optimiser alone
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = optimizer.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.2, 0.0)
+    decayed = {name_of[id(p)] for p in decay["params"]}
+    undecayed = {name_of[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(undecayed) and decayed | undecayed == set(name_of.values())
+    embeddings = {"visual.class_embedding", "visual.positional_embedding", "text.positional_embedding",
+                  "text.token_embedding.weight", "logit_scale"}  # fmt: skip
+    assert embeddings <= undecayed
+    assert {"visual.ln_pre.weight", "text.ln_final.weight", "visual.transformer.resblocks.0.ln_1.weight",
+            "text.transformer.resblocks.1.mlp.c_fc.bias", "visual.ln_post.bias"} <= undecayed  # fmt: skip
+    # Every gain and bias is undecayed; everything decayed is a weight matrix (or the patch convolution).
+    assert all(not n.endswith("bias") and "ln_" not in n for n in decayed)
+    assert {"visual.conv1.weight", "visual.proj", "text.text_projection",
+            "visual.transformer.resblocks.0.attn.in_proj_weight",
+            "text.transformer.resblocks.1.mlp.c_proj.weight"} <= decayed  # fmt: skip
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+
+
+def test_the_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine_schedule(optimizer, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(115):  # a few steps past the end: the rate stays at the floor
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(0.1)  # step 0 trains at 1/warmup of the rate, not at 0
+    assert lrs[4] == pytest.approx(0.5)
+    assert lrs[9] == lrs[10] == pytest.approx(1.0)  # the last warm-up step and the start of the cosine
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lrs[110] == lrs[114] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))  # no rise after the warm-up
+
+
 # --------------------------------------------------------------------- end to end: python -m clip_train
 def _run(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
@@ -215,6 +411,39 @@ def _common(shards: str, root: Path) -> list[str]:
         "logger.0.flush_logs_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=1",
         "callbacks.checkpoint.save_top_k=1", "~callbacks.progress",
     ]  # fmt: skip
+
+
+def test_a_short_run_logs_every_metric_the_issue_lists(tmp_path):
+    shards = write_crawler_shards(tmp_path / "shards", [12, 12], image_size=40)
+    cfg = _compose(
+        f"data.train_shards='{shards}'", "model=vit_tiny", "data.num_workers=0", "global_batch_size=8",
+        f"paths.run_dir={tmp_path}/run", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
+        "logger.0.flush_logs_every_n_steps=1", "~callbacks.progress",
+    )  # fmt: skip
+    train(cfg)
+    metrics = read_metrics(tmp_path / "run/logs/metrics.csv")
+    logged = [m for _, m in sorted(metrics.items()) if "train/loss" in m]
+    assert len(logged) == 2
+    for names in logged:
+        assert {"train/loss", "train/temperature", "train/logit_scale", "train/image_to_text_accuracy",
+                "train/text_to_image_accuracy", "train/lr", "train/samples_per_second",
+                "train/data_wait_seconds"} <= set(names)  # fmt: skip
+    first = logged[0]
+    # CLIP starts at τ = 0.07; the logit scale multiplying the similarities is 1/τ.
+    assert first["train/temperature"] == pytest.approx(0.07, rel=0.01)
+    assert first["train/temperature"] * first["train/logit_scale"] == pytest.approx(1.0)
+    assert 0 <= first["train/image_to_text_accuracy"] <= 1 and first["train/samples_per_second"] > 0
+    assert first["train/data_wait_seconds"] >= 0 and first["train/lr"] > 0
+
+
+def test_without_overrides_or_demo_shards_it_says_in_one_line_how_to_make_them(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "CLIP_TRAIN_ROOT")}
+    proc = subprocess.run([sys.executable, "-m", "clip_train"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "make demo" in lines[0] and "demo/shards" in lines[0], proc.stderr
+    assert not (tmp_path / "runs/demo/checkpoints").exists()
 
 
 @pytest.mark.slow

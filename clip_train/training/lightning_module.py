@@ -39,7 +39,8 @@ class CLIPTrainingModule(pl.LightningModule):
         scheduler: a partial taking `(optimizer, total_steps=...)`, stepped after every optimiser step.
         micro_batch_size: when smaller than the per-rank batch, use exact gradient caching with micro-batches
             of this size (`clip_train.training.gradient_cache`).
-        gradient_clip_norm: clip the global gradient norm to this value (None: no clipping).
+        gradient_clip_norm: clip the global gradient norm to this value (None: no clipping). Under DeepSpeed
+            the engine does the clipping: `clip_train.train.build_strategy` puts this value in its config.
         max_consecutive_nonfinite: stop with `NonFiniteLossError` after this many non-finite steps in a row.
         compile: wrap the model in `torch.compile`.
         grad_checkpointing: recompute activations in the backward pass to save memory.
@@ -203,11 +204,15 @@ class CLIPTrainingModule(pl.LightningModule):
         elapsed = time.perf_counter() - self._step_start
         inner = getattr(self.model, "_orig_mod", self.model)
         world = self.trainer.world_size
+        logit_scale = inner.logit_scale.detach().exp()
         metrics = {
             "train/loss": output.loss.detach(),
             "train/image_to_text_accuracy": output.image_to_text_accuracy,
             "train/text_to_image_accuracy": output.text_to_image_accuracy,
-            "train/temperature": inner.logit_scale.detach().exp(),
+            # The parameter is log(1/τ): exp of it is the factor the cosine similarities are multiplied by
+            # (clamped at 100), and τ is its inverse. Both are logged under their own names.
+            "train/logit_scale": logit_scale,
+            "train/temperature": 1.0 / logit_scale,
             "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
             "train/samples_per_second": torch.tensor(local_batch * world / max(elapsed, 1e-9)),
             "train/data_wait_seconds": torch.tensor(self._data_wait),

@@ -41,7 +41,7 @@ def plot_training_curves(metrics_csv: Path, path: Path) -> Path:
     panels = (
         ("train/loss", "contrastive loss"),
         ("train/image_to_text_accuracy", "in-batch image→text accuracy"),
-        ("train/temperature", "temperature (logit scale)"),
+        ("train/logit_scale", "logit scale (1/temperature)"),
         ("train/lr", "learning rate"),
     )
     fig = Figure(figsize=(12, 3))
