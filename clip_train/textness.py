@@ -339,6 +339,29 @@ def evaluate_steering(
     if not queries:
         raise TextnessError("no query words to evaluate")
     pool, has_text, _ = evaluation_pool(images, queries, seed)
+    return evaluate_steering_on(
+        model, direction, pool, has_text, queries, scales=scales, k=k, template=template, out_dir=out_dir
+    )
+
+
+def evaluate_steering_on(
+    model: CLIP,
+    direction: TextnessDirection,
+    pool: Sequence[Image.Image],
+    has_text: Tensor,
+    queries: Sequence[str],
+    *,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    k: int = 10,
+    template: str = "a photo of a {}.",
+    out_dir: str | Path | None = None,
+) -> SteeringResult:
+    """`evaluate_steering` on a pool whose text-bearing images are already known ((N,) bool `has_text`),
+    e.g. images that were made with words on them, where rendering more words would blur what is measured."""
+    if not queries:
+        raise TextnessError("no query words to evaluate")
+    if has_text.shape != (len(pool),):
+        raise TextnessError(f"has_text holds {tuple(has_text.shape)} flags for {len(pool)} images")
     image_embeds = embed_pil(model, pool)
     query_embeds = embed_texts(model, tokenizer_for(model), [template.format(q) for q in queries])
     top_k = steered_top_k(query_embeds, image_embeds, direction.vector, scales, k)  # (S, Q, k)

@@ -7,10 +7,13 @@
   student's top-k results with the teacher's (|S ∩ T| / k), and the average precision of the student's full
   ranking when the teacher's top-k are the relevant items (mAP over queries). Image queries search the other
   images (the query itself left out); caption queries search the images;
-* zero-shot accuracy of both on a labelled image folder, and the student's share of the teacher's.
+* zero-shot accuracy of both on labelled images — a folder ROOT/<class>/<images>, or a JSON list of records
+  naming each image's file and class, such as the demo's eval/labels.json — and the student's share of
+  the teacher's.
 
-    python -m clip_train.distillation.report --teacher teacher.ckpt --student student.ckpt \\
-        --shards 'demo/shards/shard-{000000..000003}.tar' --zero-shot demo/eval/shapes
+    python -m clip_train.distillation.report --teacher demo/runs/demo/checkpoints/last.ckpt \\
+        --student demo/runs/distill_demo/checkpoints/last.ckpt --shards demo/shards \\
+        --zero-shot demo/eval/labels.json --label-key shape
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from torch import Tensor
 from clip_train.checkpoints import load_model
 from clip_train.distillation.student import image_tower_parameters
 from clip_train.evaluation import (
+    ClassificationSet,
+    DatasetError,
+    ImageRef,
     captioned_shards,
     embed_images,
     embed_texts,
@@ -69,6 +75,28 @@ class DistillationReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def labels_file_set(path: str | Path, label_key: str = "label") -> ClassificationSet:
+    """A classification set from a JSON list of records {"file": image path, label_key: class name, ...}
+    (the demo's eval/labels.json has "shape" and "colour"). Relative paths are taken from the JSON file's
+    folder, so a labelled set can be moved as a whole; classes are the distinct names in sorted order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file not found: {path}")
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(records, list) or not records:
+        raise DatasetError(f'{path} must hold a non-empty JSON list of records with "file" and {label_key!r}')
+    bad = [i for i, r in enumerate(records) if not (isinstance(r, dict) and {"file", label_key} <= r.keys())]
+    if bad:
+        raise DatasetError(f"{path}: records {bad[:10]} lack 'file' or {label_key!r}")
+    classnames = sorted({str(r[label_key]) for r in records})
+    images = [ImageRef(str(path.parent / r["file"])) for r in records]  # an absolute "file" stays as it is
+    labels = torch.tensor([classnames.index(str(r[label_key])) for r in records], dtype=torch.long)
+    return ClassificationSet(f"{path.name}:{label_key}", images, labels, classnames)
 
 
 def tower_megabytes(model: CLIP, bytes_per_param: int) -> float:
@@ -218,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-images", type=int, default=2000, help="use at most this many images (default 2000)"
     )
     parser.add_argument(
-        "--zero-shot", help="labelled image folder (ROOT/<class>/<images>) for the zero-shot gap"
+        "--zero-shot",
+        help="labelled images for the zero-shot gap: a folder ROOT/<class>/<images>, or a .json list of "
+        'records {"file": ..., LABEL_KEY: class name}',
+    )
+    parser.add_argument(
+        "--label-key", default="label", help="the class field of a .json --zero-shot (default 'label')"
     )
     parser.add_argument(
         "--templates", default="single", help="prompt templates: single | imagenet80 | a file"
@@ -242,11 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         retrieval = captioned_shards(args.shards)
         images = retrieval.images[: args.max_images]
         captions = [c[0] for c in retrieval.captions[: args.max_images]]
-    zero_shot_set = image_folder(args.zero_shot) if args.zero_shot else None
-    print(
-        f"comparing {args.student} with {args.teacher}: {len(images or [])} images"
-        + (", zero-shot on " + args.zero_shot if args.zero_shot else "")
-    )
+    zero_shot_set, zero_shot_note = None, ""
+    if args.zero_shot:
+        zero_shot_set = (
+            labels_file_set(args.zero_shot, args.label_key)
+            if Path(args.zero_shot).suffix == ".json"
+            else image_folder(args.zero_shot)
+        )
+        zero_shot_note = f", zero-shot on {zero_shot_set.name} ({len(zero_shot_set)} images)"
+    print(f"comparing {args.student} with {args.teacher}: {len(images or [])} images{zero_shot_note}")
     report = distillation_report(
         teacher,
         student,
