@@ -6,9 +6,17 @@ as a JSON report and PNG plots.
     python -m clip_train.eval --checkpoint model.safetensors \
         --shards "data/eval/shard-{000000..000003}.tar" --classnames classes.txt --out reports/labelled
     python -m clip_train.eval --checkpoint model.pt --retrieval-folder data/eval/captioned --out reports/ret
+    python -m clip_train.eval --checkpoint model.pt --imagefolder data/eval/shapes --linear-probe --out r
+    python -m clip_train.eval --checkpoint model.pt --imagefolder data/test --probe-train data/train --out r
 
-Outputs in --out: report.json (metrics, per-class recall, confusion matrix, the most frequent confusions),
-confusion_matrix.png and per_class_accuracy.png.
+Outputs in --out: report.json (metrics, per-class recall, confusion matrix, the most frequent confusions,
+the linear probe's accuracy and regularisation sweep), confusion_matrix.png and per_class_accuracy.png.
+
+The linear probe (`--linear-probe`) fits logistic regression on the frozen image features of a training set
+and scores the classification set: the training set is `--probe-train` (an image folder with the same
+classes), or, without it, a stratified `--probe-test-fraction` of the classification set is held out for
+testing and the probe trains on the rest. Either way its regularisation is chosen on a validation part of
+the training images.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from clip_train.evaluation.datasets import (
     image_folder,
     labelled_shards,
 )
+from clip_train.evaluation.linear_probe import evaluate_linear_probe, split_classification_set
 from clip_train.evaluation.plots import plot_confusion_matrix, plot_per_class_accuracy
 from clip_train.evaluation.retrieval import evaluate_retrieval
 from clip_train.evaluation.templates import builtin_template_sets, load_classnames, load_templates
@@ -67,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument(
         "--retrieval-shards", help="retrieval set: WebDataset shards with KEY.txt captions"
     )
+    parser.add_argument(
+        "--linear-probe",
+        action="store_true",
+        help="also score a linear probe: logistic regression on frozen image features (λ chosen on a "
+        "validation part of its training images), trained on --probe-train or on part of the "
+        "classification set and tested on the rest",
+    )
+    parser.add_argument(
+        "--probe-train",
+        help="the linear probe's training images: ROOT/<class>/<images>, one folder per class of the "
+        "classification set, named after it (implies --linear-probe; without it, part of the "
+        "classification set is held out)",
+    )
+    parser.add_argument(
+        "--probe-test-fraction",
+        type=float,
+        default=0.3,
+        help="without --probe-train: the fraction of each class's images the probe is tested on",
+    )
     parser.add_argument("--name", default="", help="dataset name in the report (default: the folder's name)")
     parser.add_argument("--out", required=True, help="output folder for report.json and the plots")
     return parser
@@ -91,6 +119,27 @@ def _retrieval_set(args: argparse.Namespace) -> RetrievalSet | None:
     return None
 
 
+def _probe_sets(
+    args: argparse.Namespace, classification: ClassificationSet | None
+) -> tuple[ClassificationSet, ClassificationSet] | None:
+    """(train, test) sets of the linear probe, or None when none was asked for."""
+    if not (args.linear_probe or args.probe_train):
+        return None
+    if classification is None:
+        raise ValueError("--linear-probe needs a classification set: give --imagefolder or --shards")
+    if args.probe_train:
+        # Classes matched by name, not position: a training folder with other classes must not be
+        # relabelled silently.
+        train = image_folder(args.probe_train)
+        if train.classnames != classification.classnames:
+            raise ValueError(
+                f"--probe-train {args.probe_train}: its class folders {train.classnames} must be the "
+                f"classification set's classes {classification.classnames} (folder names, '_' for spaces)"
+            )
+        return train, classification
+    return split_classification_set(classification, args.probe_test_fraction)
+
+
 def top_confusions(result: ZeroShotResult, limit: int = _TOP_CONFUSIONS) -> list[dict[str, Any]]:
     """The most frequent off-diagonal (true, predicted) pairs."""
     confusion = result.metrics.confusion.clone()
@@ -112,12 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     templates = load_templates(args.templates)
     classification = _classification_set(args)
     retrieval = _retrieval_set(args)
+    probe_sets = _probe_sets(args, classification)
     out = Path(args.out)
     plan = []
     if classification is not None:
         plan.append(
             f"zero-shot on {classification.name!r} ({len(classification)} images, "
             f"{len(classification.classnames)} classes, {len(templates)} template(s))"
+        )
+    if probe_sets is not None:
+        plan.append(
+            f"linear probe trained on {probe_sets[0].name!r} ({len(probe_sets[0])} images), tested on "
+            f"{probe_sets[1].name!r} ({len(probe_sets[1])} images)"
         )
     if retrieval is not None:
         plan.append(f"retrieval on {retrieval.name!r} ({len(retrieval)} images)")
@@ -140,6 +195,17 @@ def main(argv: list[str] | None = None) -> int:
         summary.append(
             f"zero-shot top-1 {m.top1:.4f}, top-5 {m.top5:.4f}, mean per-class {m.mean_per_class_recall:.4f}"
         )
+    if probe_sets is not None:
+        train, test = probe_sets
+        probe = evaluate_linear_probe(model, train, test, **common)
+        report["linear_probe"] = {
+            "train": train.name,
+            "test": test.name,
+            "num_train": len(train),
+            "num_test": len(test),
+            **probe.to_dict(),
+        }
+        summary.append(f"linear probe top-1 {probe.accuracy:.4f} (λ={probe.l2:g})")
     if retrieval is not None:
         scores = evaluate_retrieval(model, retrieval, **common)
         report["retrieval"] = {"dataset": retrieval.name, **scores.to_dict()}

@@ -95,14 +95,17 @@ def shared_tokenizer() -> Tokenizer:
 # --------------------------------------------------------------------------------------------- writers
 
 
-def write_colour_folder(root: Path, per_class: int = 3, *, bad: Sequence[str] = ()) -> Path:
-    """ROOT/<colour>/<colour>_<i>.jpg (PNG for every third); `bad` file names get undecodable bytes."""
+def write_colour_folder(
+    root: Path, per_class: int = 3, *, bad: Sequence[str] = (), seed_offset: int = 0
+) -> Path:
+    """ROOT/<colour>/<colour>_<i>.jpg (PNG for every third); `bad` file names get undecodable bytes.
+    Folders written with different `seed_offset`s hold different noise."""
     for c, colour in enumerate(COLOURS):
         (root / colour).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             fmt = "PNG" if i % 3 == 2 else "JPEG"
             name = f"{colour}_{i}.{'png' if fmt == 'PNG' else 'jpg'}"
-            data = BAD_IMAGE if name in bad else encoded(colour_image(colour, 100 * c + i), fmt)
+            data = BAD_IMAGE if name in bad else encoded(colour_image(colour, 100 * c + i + seed_offset), fmt)
             (root / colour / name).write_bytes(data)
     return root
 

@@ -4,6 +4,7 @@ a real Lightning fit that logs the metrics, and the Hydra config entry."""
 from __future__ import annotations
 
 import csv
+import os
 import socket
 from datetime import timedelta
 from functools import partial
@@ -199,6 +200,81 @@ def test_fit_logs_evaluations_every_k_steps_and_at_the_end(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(images), module.model.encode_image(images))
+
+
+def _ddp_fit_rank(rank: int, world: int, port: int, root: str) -> None:
+    """One rank of a 2-process CPU DDP fit, started like a launcher would (LOCAL_RANK set), so that
+    Lightning joins the gloo group instead of spawning processes itself."""
+    os.environ |= {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(world),
+        "NODE_RANK": "0",
+        "LOCAL_RANK": str(rank),
+        "RANK": str(rank),
+    }
+    torch.set_num_threads(1)  # two ranks on a 2-core machine: more threads only oversubscribe it
+    callback = EvaluationCallback(
+        every_n_steps=1,
+        zero_shot=[{"name": "colours", "imagefolder": str(Path(root) / "colours"), "templates": "single"}],
+        retrieval=[{"name": "caps", "folder": str(Path(root) / "captioned")}],
+        batch_size=2,  # several batches per rank
+    )
+    module = CLIPTrainingModule(
+        tiny_model(seed=9).train(), ContrastiveLoss(check_finite=False), partial(torch.optim.AdamW, lr=1e-5)
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy="ddp",
+        max_steps=2,
+        logger=pl.loggers.CSVLogger(root, name="logs", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[callback],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(_Batches(), batch_size=None))
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}
+    state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    torch.save({"metrics": metrics, "state": state}, Path(root) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_fit_logs_what_one_process_computes_for_the_same_weights(tmp_path):
+    write_colour_folder(tmp_path / "colours", per_class=3)  # 9 images: 5 + 4 over two ranks
+    write_captioned_folder(tmp_path / "captioned", CAPTIONS)  # 5 images, 9 captions
+    mp.spawn(_ddp_fit_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, tensor in ranks[0]["state"].items():  # DDP kept the replicas identical
+        torch.testing.assert_close(ranks[1]["state"][name], tensor, rtol=0, atol=0)
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]  # every rank computed the same metrics
+
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        logged = {int(r["step"]): r for r in csv.DictReader(f) if r.get("eval/colours/zero_shot_top1")}
+    assert sorted(logged) == [1, 2]  # every step; the end of training (step 2) is not repeated
+
+    # One process, the final weights, the same sets: the metrics logged at the last step.
+    model = tiny_model(seed=9)
+    model.load_state_dict(ranks[0]["state"])
+    assert not torch.equal(model.logit_scale, tiny_model(seed=9).logit_scale)  # two steps did train it
+    single = evaluate_zero_shot(model.eval(), image_folder(tmp_path / "colours"), ["a photo of a {}."])
+    retrieval = evaluate_retrieval(model, captioned_folder(tmp_path / "captioned"))
+    expected = {
+        "eval/colours/zero_shot_top1": single.metrics.top1,
+        "eval/colours/zero_shot_top5": single.metrics.top5,
+        "eval/colours/zero_shot_mean_per_class_recall": single.metrics.mean_per_class_recall,
+        **{f"eval/caps/image_to_text_R@{k}": v for k, v in retrieval.image_to_text.items()},
+        **{f"eval/caps/text_to_image_R@{k}": v for k, v in retrieval.text_to_image.items()},
+    }
+    # Seed 9's predictions depend on the colour, so rank 1's images lost or misplaced in the gathering
+    # would change top-1; a model predicting one class for every image would not show it.
+    assert 0 < single.metrics.top1 < 1 and len(set(single.predictions.tolist())) > 1
+    for key, value in expected.items():
+        assert float(logged[2][key]) == pytest.approx(value, abs=1e-6), key
+        assert ranks[0]["metrics"][key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_bad_evaluation_sets_fail_at_setup(tmp_path):

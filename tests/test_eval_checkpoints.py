@@ -148,3 +148,14 @@ def test_list_in_a_checkpoint_file(tmp_path):
     torch.save([torch.zeros(2)], path)
     with pytest.raises(CheckpointError, match=r"list\.ckpt"):
         load_model(path)
+
+
+@pytest.mark.parametrize("damage", ["text", "truncated"])
+def test_corrupt_safetensors_file(model, tmp_path, damage):
+    path = save_openai_checkpoint(model, tmp_path / "broken.safetensors")
+    if damage == "text":
+        path.write_text("these are not weights")
+    else:  # a download cut short: a valid header, half the tensor data
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cannot read .*broken\.safetensors as safetensors"):
+        load_model(path)

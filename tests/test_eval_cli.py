@@ -14,13 +14,24 @@ from eval_support import (
     write_colour_folder,
     write_labelled_shards,
 )
+from PIL import Image
 
 from clip_train import eval as eval_cli
 from clip_train import predict, search
-from clip_train.checkpoints import save_model
-from clip_train.evaluation import evaluate_zero_shot, image_folder, load_templates
+from clip_train.checkpoints import load_model, save_model
+from clip_train.data.transforms import eval_transform, normalize_batch, stack_uint8
+from clip_train.evaluation import (
+    ImageRef,
+    caption_probabilities,
+    evaluate_linear_probe,
+    evaluate_zero_shot,
+    image_folder,
+    load_templates,
+    split_classification_set,
+)
 from clip_train.evaluation.cli_common import run
 from clip_train.models.openai_layout import save_openai_checkpoint
+from clip_train.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +106,48 @@ def test_eval_on_labelled_shards(material, tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["zero_shot"]["num_samples"] == 6
 
 
+def test_eval_linear_probe_on_a_held_out_part_and_on_a_training_folder(material, tmp_path, capsys):
+    folder = write_colour_folder(tmp_path / "colours", per_class=6)
+    base = ["--checkpoint", str(material / "model.pt"), "--imagefolder", str(folder)]
+    assert eval_cli.main([*base, "--linear-probe", "--out", str(tmp_path / "split")]) == 0
+    printed = capsys.readouterr().out
+    assert "linear probe trained on 'colours[train]' (12 images)" in printed
+    assert "linear probe top-1" in printed.splitlines()[-1]
+    report = json.loads((tmp_path / "split" / "report.json").read_text())["linear_probe"]
+    assert (report["num_train"], report["num_test"]) == (12, 6)
+    # The same protocol through the library, on the same weights and the same split.
+    expected = evaluate_linear_probe(
+        tiny_model(seed=11), *split_classification_set(image_folder(folder), 0.3)
+    )
+    assert report["accuracy"] == pytest.approx(expected.accuracy)
+    assert report["l2"] == expected.l2 and len(report["validation_accuracy"]) == 6
+
+    train = write_colour_folder(tmp_path / "train", per_class=4, seed_offset=50)
+    out = tmp_path / "trained"
+    assert eval_cli.main([*base, "--probe-train", str(train), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())["linear_probe"]
+    assert (report["train"], report["num_train"], report["num_test"]) == ("train", 12, 18)
+    assert 0.0 <= report["accuracy"] <= 1.0
+
+
+def test_eval_linear_probe_bad_inputs(material, tmp_path, capsys):
+    base = ["--checkpoint", str(material / "model.pt"), "--out", str(tmp_path / "o")]
+    err = _fails(
+        eval_cli.main, [*base, "--retrieval-folder", str(material / "caps"), "--linear-probe"], capsys
+    )
+    assert "--linear-probe needs a classification set" in err
+    other = tmp_path / "other"
+    for name in ("cyan", "magenta", "yellow"):
+        (other / name).mkdir(parents=True)
+        (other / name / "a.png").write_bytes((material / "colours" / "red" / "red_0.jpg").read_bytes())
+    err = _fails(
+        eval_cli.main,
+        [*base, "--imagefolder", str(material / "colours"), "--probe-train", str(other)],
+        capsys,
+    )
+    assert "--probe-train" in err and "must be the classification set's classes" in err
+
+
 def test_eval_bad_inputs(material, tmp_path, capsys):
     base = [
         "--checkpoint",
@@ -135,6 +188,10 @@ def test_eval_bad_inputs(material, tmp_path, capsys):
     wrong = tmp_path / "wrong.pt"
     torch.save({"weight": torch.zeros(2, 2)}, wrong)
     assert "wrong.pt" in _fails(eval_cli.main, ["--checkpoint", str(wrong), *base[2:]], capsys)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{truncat")
+    err = _fails(eval_cli.main, ["--checkpoint", str(corrupt), *base[2:]], capsys)
+    assert "corrupt.safetensors as safetensors" in err and "Traceback" not in err
 
 
 def test_predict_ranks_texts_for_each_image(material, capsys, tmp_path):
@@ -165,6 +222,53 @@ def test_predict_ranks_texts_for_each_image(material, capsys, tmp_path):
     )
 
 
+def test_predict_without_separator_takes_existing_images_and_the_rest_as_texts(material, capsys):
+    # The form: no `--`; an option may also follow the texts.
+    image = str(material / "colours" / "red" / "red_0.jpg")
+    texts = ["a cat", "cats", "two cats and remotes"]
+    argv = ["--checkpoint", str(material / "model.pt"), image, str(material / "colours" / "blue"), *texts]
+    assert predict.main([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [Path(r["image"]).name for r in rows] == ["red_0.jpg", "blue_0.jpg", "blue_1.jpg"]
+    assert all(sorted(p["text"] for p in r["predictions"]) == sorted(texts) for r in rows)
+    assert captured.err.startswith("scoring 3 text(s) against 3 image(s)")
+
+
+def test_predict_json_equals_the_library_and_the_models_forward_pass(material, capsys):
+    images = [material / "colours" / c / f"{c}_{i}.jpg" for c in ("red", "green") for i in (0, 1)]
+    texts = ["a red thing", "a green thing", "two cats and remotes"]
+    argv = ["--checkpoint", str(material / "model.pt"), "--json", *map(str, images), *texts]
+    assert predict.main(argv) == 0
+    cli = torch.tensor(
+        [
+            [{p["text"]: p["probability"] for p in json.loads(line)["predictions"]}[t] for t in texts]
+            for line in capsys.readouterr().out.splitlines()
+        ]
+    )  # (4 images, 3 texts)
+    model = load_model(material / "model.pt")
+    library = caption_probabilities(model, [ImageRef(str(p)) for p in images], texts)
+    torch.testing.assert_close(cli, library, atol=1e-6, rtol=0)  # the CLI prints 6 decimals
+
+    # Independently of the embedding helpers: the model's forward pass on the evaluation transform.
+    transform = eval_transform(model.image_size)
+    batch = normalize_batch(stack_uint8([transform.crop(Image.open(p).convert("RGB")) for p in images]))
+    with torch.no_grad():
+        out = model(batch, Tokenizer(context_length=model.context_length)(texts))
+    expected = (out.logit_scale * out.image_embeds @ out.text_embeds.T).softmax(dim=1)
+    torch.testing.assert_close(library, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_predict_separator_makes_any_argument_a_text(material, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cats").mkdir()  # a text that happens to name a folder in the working directory
+    image = str(material / "colours" / "red" / "red_0.jpg")
+    argv = ["--checkpoint", str(material / "model.pt"), "--json", image, "--", "cats", "a photo.jpg"]
+    assert predict.main(argv) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(p["text"] for p in row["predictions"]) == ["a photo.jpg", "cats"]
+
+
 def test_predict_bad_inputs(material, capsys):
     model = str(material / "model.pt")
     image = str(material / "colours" / "red" / "red_0.jpg")
@@ -172,6 +276,11 @@ def test_predict_bad_inputs(material, capsys):
     assert "not found: missing.jpg" in _fails(
         predict.main, ["--checkpoint", model, "missing.jpg", "--", "a"], capsys
     )
+    # Without `--`, a missing file with an image extension is a mistyped path, not a caption.
+    err = _fails(predict.main, ["--checkpoint", model, image, "missing.png", "a cat"], capsys)
+    assert "image not found: missing.png" in err and "--" in err
+    err = _fails(predict.main, ["--checkpoint", model, "a cat", "a dog"], capsys)
+    assert "no images given" in err
 
 
 def test_search_index_then_query(material, tmp_path, capsys):

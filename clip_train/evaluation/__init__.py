@@ -23,12 +23,19 @@ from clip_train.evaluation.datasets import (
     shard_images,
 )
 from clip_train.evaluation.embedding import embed_images, embed_texts, tokenizer_for
-from clip_train.evaluation.linear_probe import LinearProbeResult, fit_logistic_regression, linear_probe
+from clip_train.evaluation.linear_probe import (
+    LinearProbeResult,
+    evaluate_linear_probe,
+    fit_logistic_regression,
+    linear_probe,
+    split_classification_set,
+)
 from clip_train.evaluation.retrieval import RetrievalMetrics, evaluate_retrieval, retrieval_metrics
 from clip_train.evaluation.templates import TemplateError, load_classnames, load_templates
 from clip_train.evaluation.zero_shot import (
     ClassificationMetrics,
     ZeroShotResult,
+    caption_probabilities,
     classification_metrics,
     evaluate_zero_shot,
     zero_shot_classifier,
@@ -44,11 +51,13 @@ __all__ = [
     "RetrievalSet",
     "TemplateError",
     "ZeroShotResult",
+    "caption_probabilities",
     "captioned_folder",
     "captioned_shards",
     "classification_metrics",
     "embed_images",
     "embed_texts",
+    "evaluate_linear_probe",
     "evaluate_retrieval",
     "evaluate_zero_shot",
     "fit_logistic_regression",
@@ -60,6 +69,7 @@ __all__ = [
     "load_templates",
     "retrieval_metrics",
     "shard_images",
+    "split_classification_set",
     "tokenizer_for",
     "zero_shot_classifier",
 ]

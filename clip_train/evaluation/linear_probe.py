@@ -8,6 +8,10 @@ refitted on all training features with that λ and scored on the test features.
 
 torch instead of scikit-learn: the features are already torch tensors (possibly on a GPU), and one
 dependency fewer for one convex problem.
+
+`evaluate_linear_probe` runs the whole protocol on image sets: it embeds a training and a test
+`ClassificationSet` with the model (`embed_images`) and probes the frozen features;
+`split_classification_set` makes the two sets from one labelled set when there is no separate training set.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from clip_train.evaluation.datasets import ClassificationSet
+from clip_train.evaluation.embedding import embed_images
+from clip_train.models import CLIP
 
 DEFAULT_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -84,7 +92,9 @@ def fit_logistic_regression(
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    # Gradients on even when the caller evaluates under torch.no_grad() (as the embedding helpers do).
+    with torch.enable_grad():
+        optimizer.step(closure)
     return LogisticRegression(probe.weight.detach(), probe.bias.detach(), mean, std)
 
 
@@ -140,3 +150,76 @@ def linear_probe(
     probe = fit_logistic_regression(train_features, train_labels, num_classes, best, max_iter=max_iter)
     accuracy = (probe.predict(test_features).cpu() == test_labels.cpu()).double().mean().item()
     return LinearProbeResult(accuracy=accuracy, l2=best, validation_accuracy=scores, probe=probe)
+
+
+def split_classification_set(
+    dataset: ClassificationSet, test_fraction: float = 0.3, *, seed: int = 0
+) -> tuple[ClassificationSet, ClassificationSet]:
+    """(train, test) parts of one labelled set, stratified: of each class's n images, round(n ·
+    `test_fraction`) chosen at random (at least one when n >= 2, never all) go to the test part, so that
+    every class with two or more images is both trained on and tested."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    test_idx = []
+    for label in range(len(dataset.classnames)):
+        members = (dataset.labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_test = min(max(1, round(len(members) * test_fraction)), len(members) - 1)
+        test_idx += members[:n_test].tolist()
+    is_test = torch.zeros(len(dataset), dtype=torch.bool)
+    is_test[test_idx] = True
+    if is_test.all() or not is_test.any():
+        raise ValueError(f"{dataset.name}: too few images per class to split into training and test parts")
+
+    def part(mask: Tensor, suffix: str) -> ClassificationSet:
+        indices = mask.nonzero().flatten().tolist()  # original order kept
+        return ClassificationSet(
+            name=f"{dataset.name}[{suffix}]",
+            images=[dataset.images[i] for i in indices],
+            labels=dataset.labels[indices],
+            classnames=list(dataset.classnames),
+        )
+
+    return part(~is_test, "train"), part(is_test, "test")
+
+
+def evaluate_linear_probe(
+    model: CLIP,
+    train: ClassificationSet,
+    test: ClassificationSet,
+    *,
+    l2_values: Sequence[float] = DEFAULT_L2,
+    validation_fraction: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 200,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> LinearProbeResult:
+    """Linear-probe top-1 of `model`'s frozen image features: embed both sets, sweep `l2_values` on a
+    `validation_fraction` of the training features, refit, score the test set (`linear_probe`)."""
+    if list(train.classnames) != list(test.classnames):
+        raise ValueError(
+            f"the probe's training set {train.name!r} and test set {test.name!r} must have the same classes "
+            f"in the same order, got {train.classnames} and {test.classnames}"
+        )
+    common = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
+    train_features = embed_images(
+        model, train.images, progress=f"{train.name}: images" if progress else None, **common
+    )  # (N_train, D)
+    test_features = embed_images(
+        model, test.images, progress=f"{test.name}: images" if progress else None, **common
+    )  # (N_test, D)
+    return linear_probe(
+        train_features,
+        train.labels,
+        test_features,
+        test.labels,
+        len(train.classnames),
+        l2_values=l2_values,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        max_iter=max_iter,
+    )

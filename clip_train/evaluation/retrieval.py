@@ -2,8 +2,10 @@
 
 For N images and M captions the (N, M) similarity matrix of a 100,000-image set with 5 captions each would
 take 200 GB in float32; here it is computed `chunk` rows at a time, and each row is reduced at once to the
-rank of its correct match, so memory stays at a chunk of rows × max(N, M) similarities plus one boolean
-comparison of the same shape (128 MB by default: 53 rows against 100,000 × 5 captions).
+rank of its correct match, so memory stays at one float32 block of rows × max(N, M) similarities (128 MB by
+default: 67 rows against 100,000 × 5 captions), allocated once and reused by every chunk. The ranks are
+counted inside that block (`count_above`): `(sims > x).sum(dim=1)` would add a boolean mask and an int64
+copy of it, 9 bytes per similarity on top of the block's 4.
 
 Definitions (those of the CLIP paper's Flickr30k/MSCOCO evaluation):
 
@@ -41,10 +43,26 @@ DEFAULT_MAX_CHUNK_BYTES = 128 * 2**20
 
 
 def chunk_rows(num_columns: int, max_bytes: int = DEFAULT_MAX_CHUNK_BYTES, bytes_per_value: int = 4) -> int:
-    """How many rows of a `num_columns`-wide float32 similarity block fit in `max_bytes` (at least 1).
+    """How many rows of a `num_columns`-wide similarity block of `bytes_per_value`-byte values fit in
+    `max_bytes` (at least 1). The block is all the per-similarity memory the rankings below use."""
+    return max(1, max_bytes // (max(num_columns, 1) * bytes_per_value))
 
-    The block's boolean mask (one byte per value) is counted too."""
-    return max(1, max_bytes // (max(num_columns, 1) * (bytes_per_value + 1)))
+
+# Integers up to 2**24 are exact in float32, so a float32 sum of up to that many 0/1 values is exact.
+_EXACT_FLOAT32_COUNT = 2**24
+
+
+def count_above(sims: Tensor, threshold: Tensor) -> Tensor:
+    """(c,) int64: how many entries of each row of float32 `sims` (c, M) are strictly above `threshold`
+    (c, 1). Overwrites `sims` with 1.0/0.0: comparing in place and summing in the block's own dtype
+    allocates nothing of the block's size."""
+    if sims.dtype != torch.float32:
+        raise TypeError(f"count_above needs a float32 block, got {sims.dtype}")
+    sims.gt_(threshold)  # (c, M) of 1.0 / 0.0
+    counts = torch.zeros(sims.shape[0], dtype=torch.long, device=sims.device)
+    for start in range(0, sims.shape[1], _EXACT_FLOAT32_COUNT):  # one pass unless M > 16.7 M
+        counts += sims[:, start : start + _EXACT_FLOAT32_COUNT].sum(dim=1).long()
+    return counts
 
 
 def image_to_text_ranks(
@@ -60,23 +78,25 @@ def image_to_text_ranks(
     """
     n = image_embeds.shape[0]
     _check(image_embeds, text_embeds, text_to_image)
+    # float32 (a no-op for our features): `count_above` counts exactly in the block's own dtype.
+    image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
     rows = chunk_rows(text_embeds.shape[0], max_chunk_bytes)
     # Captions grouped by image (CSR): image i's captions are by_image[first[i]:first[i + 1]].
     by_image = torch.argsort(text_to_image, stable=True)
     first = torch.zeros(n + 1, dtype=torch.long, device=text_to_image.device)
     first[1:] = torch.bincount(text_to_image, minlength=n).cumsum(0)
     ranks = torch.empty(n, dtype=torch.long)
+    block = _similarity_block(min(rows, n), text_embeds)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        sims = image_embeds[start:stop] @ text_embeds.T  # (c, M)
+        sims = torch.mm(image_embeds[start:stop], text_embeds.T, out=block[: stop - start])  # (c, M)
         # The own captions' scores are read from this very matrix, so that an own caption is never counted
         # as scoring above itself through a rounding difference.
         own = by_image[first[start] : first[stop]]  # caption indices of this chunk's images
         row = text_to_image[own] - start
         best_own = torch.full((stop - start,), float("-inf"), dtype=sims.dtype, device=sims.device)
         best_own.scatter_reduce_(0, row, sims[row, own], reduce="amax")  # (c,)
-        ranks[start:stop] = (sims > best_own[:, None]).sum(dim=1).cpu()
-        del sims  # before the next chunk's matrix is allocated: one block alive at a time
+        ranks[start:stop] = count_above(sims, best_own[:, None]).cpu()
     return ranks
 
 
@@ -90,15 +110,25 @@ def text_to_image_ranks(
     """(M,) int64: for each caption, how many images score strictly above its own image."""
     m = text_embeds.shape[0]
     _check(image_embeds, text_embeds, text_to_image)
+    # float32 (a no-op for our features): `count_above` counts exactly in the block's own dtype.
+    image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
     rows = chunk_rows(image_embeds.shape[0], max_chunk_bytes)
     ranks = torch.empty(m, dtype=torch.long)
+    block = _similarity_block(min(rows, m), image_embeds)
     for start in range(0, m, rows):
         stop = min(start + rows, m)
-        sims = text_embeds[start:stop] @ image_embeds.T  # (c, N)
+        sims = torch.mm(text_embeds[start:stop], image_embeds.T, out=block[: stop - start])  # (c, N)
         own = sims.gather(1, text_to_image[start:stop, None].to(sims.device))  # (c, 1)
-        ranks[start:stop] = (sims > own).sum(dim=1).cpu()
-        del sims
+        ranks[start:stop] = count_above(sims, own).cpu()
     return ranks
+
+
+def _similarity_block(rows: int, columns: Tensor) -> Tensor:
+    """The (rows, len(columns)) float32 buffer every chunk's similarities are written into. Allocated once
+    rather than per chunk: with a block just under glibc's 32 MiB mmap ceiling, freed blocks stay in the
+    heap and small allocations between chunks fragment it, so a fresh block per chunk grew the resident
+    peak to several blocks."""
+    return torch.empty(rows, columns.shape[0], dtype=torch.float32, device=columns.device)
 
 
 def _check(image_embeds: Tensor, text_embeds: Tensor, text_to_image: Tensor) -> None:
@@ -163,15 +193,23 @@ def top_k_matches(
     query_embeds: Tensor, index_embeds: Tensor, k: int, *, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
 ) -> tuple[Tensor, Tensor]:
     """For each of Q queries (Q, D), the k best of the (N, D) index by cosine similarity, best first:
-    (scores (Q, k) float32, indices (Q, k) int64). Scans the index in chunks, keeping a running top-k."""
+    (scores (Q, k) float32, indices (Q, k) int64). Scans the index in chunks of a (Q, c) float32 block,
+    keeping a running top-k."""
+    q = query_embeds.shape[0]
     k = min(k, index_embeds.shape[0])
-    rows = chunk_rows(query_embeds.shape[0], max_chunk_bytes)
-    best_scores = torch.full((query_embeds.shape[0], 0), float("-inf"))
-    best_indices = torch.empty((query_embeds.shape[0], 0), dtype=torch.long)
+    rows = chunk_rows(q, max_chunk_bytes)
+    best_scores = torch.full((q, 0), float("-inf"))
+    best_indices = torch.empty((q, 0), dtype=torch.long)
+    query_embeds, index_embeds = query_embeds.float(), index_embeds.float()
+    # One flat buffer, viewed as a contiguous (Q, c) block per chunk (the last chunk is narrower).
+    block = torch.empty(q * min(rows, index_embeds.shape[0]), device=index_embeds.device)
     for start in range(0, index_embeds.shape[0], rows):
-        sims = (query_embeds @ index_embeds[start : start + rows].T).float().cpu()  # (Q, c)
-        scores = torch.cat([best_scores, sims], dim=1)
-        indices = torch.cat([best_indices, torch.arange(start, start + sims.shape[1]).expand_as(sims)], dim=1)
+        chunk = index_embeds[start : start + rows]
+        sims = torch.mm(query_embeds, chunk.T, out=block[: q * chunk.shape[0]].view(q, chunk.shape[0]))
+        # The chunk's own top k first, so that only (Q, 2k) values are ever merged, not the whole block.
+        scores, order = sims.topk(min(k, sims.shape[1]), dim=1)
+        scores = torch.cat([best_scores, scores.cpu()], dim=1)
+        indices = torch.cat([best_indices, order.cpu() + start], dim=1)
         best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
         best_indices = indices.gather(1, order)
     return best_scores, best_indices

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clip_train.evaluation.datasets import ClassificationSet
+from clip_train.evaluation.datasets import ClassificationSet, ImageRef
 from clip_train.evaluation.distributed import AllGather, gather_embeddings, rank_range
 from clip_train.evaluation.embedding import (
     TextTokenizer,
@@ -224,3 +224,28 @@ def zero_shot_result(
 def model_logit_scale(model: CLIP) -> float:
     """The temperature exp(logit_scale) the model uses, clamped as in its forward pass."""
     return float(model.logit_scale.detach().float().clamp(max=model.config.max_logit_scale).exp())
+
+
+@torch.no_grad()
+def caption_probabilities(
+    model: CLIP,
+    images: Sequence[ImageRef],
+    texts: Sequence[str],
+    *,
+    tokenizer: TextTokenizer | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    progress: str | None = None,
+) -> Tensor:
+    """(N, T) float32 on the CPU: for each of the N images, the probability of each of the T texts — the
+    softmax over the texts of the cosine similarities times the model's temperature (zero-shot with each
+    text as its own class and prompt). A SigLIP bias is the same for every text, so it cancels out."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("caption_probabilities needs at least one text")
+    text_embeds = embed_texts(model, tokenizer or tokenizer_for(model), texts, device=device)  # (T, D)
+    image_embeds = embed_images(
+        model, images, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress
+    )  # (N, D)
+    return zero_shot_scores(image_embeds, text_embeds, model_logit_scale(model)).softmax(dim=1)

@@ -25,7 +25,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -242,9 +242,14 @@ def read_openai_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[st
         raise FileNotFoundError(f"no checkpoint at {path}")
     metadata: dict[str, str] = {}
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        obj: object = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            obj: object = load_file(str(path))
+        except SafetensorError as exc:  # not safetensors at all, or truncated / corrupt
+            raise CheckpointError(
+                f"cannot read {path} as safetensors (corrupt or truncated?): {exc}"
+            ) from exc
     else:
         if zipfile.is_zipfile(path) and _is_torchscript(path):
             raise CheckpointError(
