@@ -6,6 +6,8 @@
 #   make lint    ruff
 #   make demo    set up, then the embedded demo: crawl a local scene website, train a small CLIP on the
 #                CPU, evaluate it zero-shot, write demo/report/index.html (scripts/demo/run_demo.py)
+#   make demo-extras   after make demo: distil the demo model into a smaller student and learn the
+#                textness direction on the demo's scenes (scripts/demo/run_extras.py)
 #
 # CPU machines get the pinned CPU build of torch. On a GPU cluster bring your own build, e.g.
 #   make setup TORCH_SPEC="torch==2.5.1" PIP_TORCH_INDEX="--index-url <your CUDA wheel index>"
@@ -20,7 +22,7 @@ STAMP := $(VENV)/.setup-done
 VOCAB := clip_train/assets/bpe_simple_vocab_16e6.txt.gz
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench lint demo clean
+.PHONY: setup test bench lint demo demo-extras clean
 
 setup: $(STAMP) $(VOCAB)
 
@@ -52,6 +54,9 @@ bench: setup
 
 demo: setup
 	$(BIN)/python scripts/demo/run_demo.py
+
+demo-extras: setup
+	$(BIN)/python scripts/demo/run_extras.py
 
 lint: setup
 	$(BIN)/ruff check .
