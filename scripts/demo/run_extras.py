@@ -2,7 +2,7 @@
 
 Run it on a finished demo folder (`python scripts/demo/run_demo.py --out DIR`; the default is ./demo):
 
-    python scripts/demo/run_extras.py                        # on ./demo (a few minutes on 2 cores)
+    python scripts/demo/run_extras.py                        # on ./demo (about 8 minutes on 2 cores)
     python scripts/demo/run_extras.py --demo /tmp/demo --train trainer.max_epochs=1   # a quick look
 
 Stages (each timed; everything is written under DIR):
