@@ -78,8 +78,7 @@ def test_a_folder_that_is_not_a_finished_demo_is_refused_naming_what_is_missing(
 
 
 def test_the_distillation_report_reads_a_labels_file_like_the_demos(tmp_path):
-    from clip_train.distillation.report import labels_file_set
-    from clip_train.evaluation import DatasetError
+    from clip_train.evaluation import DatasetError, labels_file_set
 
     records = [{"file": "a.jpg", "shape": "star", "colour": "red"}, {"file": "/abs/b.jpg", "shape": "ring"}]
     path = tmp_path / "labels.json"

@@ -19,6 +19,7 @@ from clip_train.evaluation.datasets import (
     captioned_shards,
     image_folder,
     labelled_shards,
+    labels_file_set,
     list_images,
     shard_images,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "fit_logistic_regression",
     "image_folder",
     "labelled_shards",
+    "labels_file_set",
     "linear_probe",
     "list_images",
     "load_classnames",

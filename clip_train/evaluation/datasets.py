@@ -137,6 +137,28 @@ def list_images(root: str | Path) -> list[ImageRef]:
     ]
 
 
+def labels_file_set(path: str | Path, label_key: str = "label") -> ClassificationSet:
+    """A classification set from a JSON list of records {"file": image path, label_key: class name, ...}
+    (the demo's eval/labels.json has "shape" and "colour"). Relative paths are taken from the JSON file's
+    folder, so a labelled set can be moved as a whole; classes are the distinct names in sorted order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file not found: {path}")
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(records, list) or not records:
+        raise DatasetError(f'{path} must hold a non-empty JSON list of records with "file" and {label_key!r}')
+    bad = [i for i, r in enumerate(records) if not (isinstance(r, dict) and {"file", label_key} <= r.keys())]
+    if bad:
+        raise DatasetError(f"{path}: records {bad[:10]} lack 'file' or {label_key!r}")
+    classnames = sorted({str(r[label_key]) for r in records})
+    images = [ImageRef(str(path.parent / r["file"])) for r in records]  # an absolute "file" stays as it is
+    labels = torch.tensor([classnames.index(str(r[label_key])) for r in records], dtype=torch.long)
+    return ClassificationSet(f"{path.name}:{label_key}", images, labels, classnames)
+
+
 def image_folder(
     root: str | Path, classnames: Sequence[str] | None = None, name: str = ""
 ) -> ClassificationSet:
