@@ -113,6 +113,13 @@ def load_model(path: str | Path, *, quick_gelu: bool | None = None) -> CLIP:
     and `CheckpointError` (naming the file and what was expected) for a file of the wrong kind.
     """
     path = Path(path)
+    if path.is_dir() and (path / "checkpoint").is_dir():
+        raise CheckpointError(
+            f"{path} is a DeepSpeed checkpoint (a directory of per-rank shards); gather it into one file "
+            'first: python -c "from pytorch_lightning.utilities.deepspeed import '
+            f"convert_zero_checkpoint_to_fp32_state_dict as c; c('{path}', 'model.ckpt')\" "
+            "and pass model.ckpt"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -155,6 +162,9 @@ def _is_lightning(obj: object) -> bool:
     )
 
 
+_SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
+
+
 def _model_state(state: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
     """The model's tensors under our own names: Lightning's "model." prefix and wrapper prefixes removed
     (entries of the loss and other sub-modules dropped)."""
@@ -169,6 +179,9 @@ def _model_state(state: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
             key = key.removeprefix(prefix)
         if not isinstance(value, Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        if key in _SCALAR_PARAMETERS and value.shape == (1,):
+            # Written under DeepSpeed or FSDP, which hold these with shape (1,) (promote_scalar_parameters).
+            value = value.reshape(())
         out[key] = value
     return out
 

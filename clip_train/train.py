@@ -179,6 +179,15 @@ def build_strategy(cfg: DictConfig) -> Strategy | str:
     return strategy
 
 
+def is_sharded(strategy: Strategy | str) -> bool:
+    """DeepSpeed or FSDP, given as an object or as a registered name such as "deepspeed_stage_3"."""
+    if isinstance(strategy, str):
+        return strategy in StrategyRegistry and issubclass(
+            StrategyRegistry[strategy]["strategy"], DeepSpeedStrategy | FSDPStrategy
+        )
+    return isinstance(strategy, DeepSpeedStrategy | FSDPStrategy)
+
+
 def resume_checkpoint(cfg: DictConfig) -> str | None:
     """The newest of last.ckpt and the checkpoints Lightning's SLURM plugin writes when a job is preempted
     (hpc_ckpt_N.ckpt in the run directory), or None for a fresh start."""
@@ -186,7 +195,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         return None
     run_dir = Path(cfg.paths.run_dir)
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = [p for p in candidates if p.is_file()]
+    # exists(), not is_file(): under DeepSpeed a checkpoint is a directory of per-rank shards.
+    existing = [p for p in candidates if p.exists()]
     return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
 
 
@@ -214,6 +224,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             f"micro_batch_size={cfg.micro_batch_size} must lie in [1, per-rank batch {batch_size}]"
         )
     strategy = build_strategy(cfg)
+    if cfg.micro_batch_size is not None and cfg.micro_batch_size < batch_size and is_sharded(strategy):
+        raise ConfigError(
+            f"micro_batch_size={cfg.micro_batch_size} (exact gradient caching) runs under DDP only: it reads "
+            "the temperature outside the model's forward pass, where ZeRO-3 and FSDP hold only a shard of "
+            "it, and several backward passes per step are not verified under DeepSpeed. Use trainer=gpu "
+            "(DDP) with micro_batch_size, or drop micro_batch_size under this strategy"
+        )
     pl.seed_everything(cfg.seed, workers=True)
 
     model = instantiate(cfg.model)

@@ -190,6 +190,7 @@ class DistillationModule(CLIPTrainingModule):
             projected_image = F.normalize(self.projection(student_image), dim=-1)
             projected_text = F.normalize(self.projection(student_text), dim=-1)
         student_scale, _ = student.logit_scale_and_bias()
+        self._last_logit_scale = student_scale.detach()  # logged by the parent's _log_step
         teacher_scale, _ = self.teacher.logit_scale_and_bias()
         return self.loss(
             student_image,

@@ -81,8 +81,15 @@ class CLIP(nn.Module):
 
     def logit_scale_and_bias(self) -> tuple[Tensor, Tensor | None]:
         """The temperature as the loss uses it (exp of the parameter, at most exp(max_logit_scale)) and the
-        bias (None without one), both attached to their parameters' graph."""
-        return self.logit_scale.clamp(max=self.config.max_logit_scale).exp(), self.logit_bias
+        bias (None without one), both 0-dim and attached to their parameters' graph.
+
+        The parameters themselves are 0-dim, as in OpenAI's release, except under DeepSpeed and FSDP, which
+        refuse 0-dim parameters: there the training module gives them shape (1,) (see
+        `clip_train.training.lightning_module.promote_scalar_parameters`); the reshape keeps the loss's
+        view of them the same either way."""
+        scale = self.logit_scale.clamp(max=self.config.max_logit_scale).exp().reshape(())
+        bias = None if self.logit_bias is None else self.logit_bias.reshape(())
+        return scale, bias
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

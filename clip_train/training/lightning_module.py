@@ -15,10 +15,11 @@ from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor, nn
 
 from clip_train.training.gradient_cache import gradient_cached_step
-from clip_train.training.optim import parameter_groups
+from clip_train.training.optim import decayed_parameter_names, parameter_groups
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -26,6 +27,22 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive steps whose loss was NaN or infinite."""
+
+
+def promote_scalar_parameters(module: nn.Module) -> list[str]:
+    """Give every 0-dim parameter (the temperature, SigLIP's bias) the shape (1,), in place; returns their
+    names. DeepSpeed broadcasts each parameter through a byte view, which a 0-dim bf16 tensor cannot take,
+    and FSDP refuses 0-dim parameters outright (both seen on an H200 with torch 2.11). Checkpoints written
+    this way load back into the 0-dim model (`clip_train.checkpoints` reshapes one-element tensors)."""
+    names = []
+    for name, param in module.named_parameters():
+        if param.dim() == 0:
+            param.data = param.data.reshape(1)
+            names.append(name)
+    return names
+
+
+SHARDED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy)
 
 
 class CLIPTrainingModule(pl.LightningModule):
@@ -78,9 +95,18 @@ class CLIPTrainingModule(pl.LightningModule):
         self._consecutive_nonfinite = 0
         self._last_step_end: float | None = None
         self._data_wait = 0.0
+        self._decayed_names: set[str] | None = None  # set in configure_model, before any wrapping
 
     # ----------------------------------------------------------------------------------------- set-up
     def configure_model(self) -> None:
+        # Runs before the strategy wraps the model. Which parameters get weight decay is decided by shape,
+        # so decide it now: FSDP later turns every parameter into a 1-D view of its shard. And the sharded
+        # strategies refuse 0-dim tensors.
+        inner = getattr(self.model, "_orig_mod", self.model)
+        if self._decayed_names is None:
+            self._decayed_names = decayed_parameter_names(inner, inner.no_weight_decay_param_names())
+        if isinstance(self.trainer.strategy, SHARDED_STRATEGIES):
+            promote_scalar_parameters(self.model)
         if self.compile and not getattr(self, "_compiled", False):
             self.model = torch.compile(self.model)
             self._compiled = True
@@ -91,6 +117,7 @@ class CLIPTrainingModule(pl.LightningModule):
             inner,
             weight_decay=self._optimizer_weight_decay(),
             no_decay_names=inner.no_weight_decay_param_names(),
+            decayed_names=self._decayed_names,
         )
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
@@ -142,6 +169,11 @@ class CLIPTrainingModule(pl.LightningModule):
         """Compute the loss of `batch` and back-propagate it into `.grad`; returns the loss output."""
         images, tokens = batch[0], batch[1]
         if self.micro_batch_size is not None and self.micro_batch_size < images.shape[0]:
+            # Gradient caching runs under DDP only (train.py refuses the sharded strategies), where the
+            # temperature parameter is whole outside the forward pass.
+            self._last_logit_scale = (
+                getattr(self.model, "_orig_mod", self.model).logit_scale_and_bias()[0].detach()
+            )
             return gradient_cached_step(
                 self.model,
                 self.loss,
@@ -152,6 +184,7 @@ class CLIPTrainingModule(pl.LightningModule):
                 no_sync=getattr(self.trainer.strategy, "block_backward_sync", nullcontext),
             )
         encoded = self.model(images, tokens)
+        self._last_logit_scale = encoded.logit_scale.detach()
         output = self.loss(encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias)
         # Back-propagate even a non-finite loss: every rank must take part in the gradient all-reduce.
         self.manual_backward(output.loss)
@@ -202,9 +235,10 @@ class CLIPTrainingModule(pl.LightningModule):
 
     def _log_step(self, output, local_batch: int) -> None:
         elapsed = time.perf_counter() - self._step_start
-        inner = getattr(self.model, "_orig_mod", self.model)
         world = self.trainer.world_size
-        logit_scale = inner.logit_scale.detach().exp()
+        # The value the step's forward used: under ZeRO-3 and FSDP the parameter itself is a shard (often
+        # empty) outside the forward pass.
+        logit_scale = self._last_logit_scale.float()
         metrics = {
             "train/loss": output.loss.detach(),
             "train/image_to_text_accuracy": output.image_to_text_accuracy,

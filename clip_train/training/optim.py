@@ -8,22 +8,51 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+# Prefixes that wrappers put into parameter names (FSDP units, activation checkpointing, torch.compile).
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-def parameter_groups(
-    model: nn.Module, weight_decay: float, no_decay_names: Iterable[str] | None = None
-) -> list[dict]:
-    """Split trainable parameters into a decayed group and an undecayed one.
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name with every wrapper's prefix removed, as the unwrapped model names it."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def decayed_parameter_names(model: nn.Module, no_decay_names: Iterable[str] | None = None) -> set[str]:
+    """Names of the parameters that get weight decay: weight matrices only.
 
     CLIP (Radford et al., 2021, section 2.5) applies weight decay to weight matrices only: gains, biases,
     embeddings and the temperature are left alone. `no_decay_names` lists parameters to exempt beyond the
-    default rule (every tensor with fewer than 2 dimensions: gains, biases and the temperature).
+    default rule (every tensor with fewer than 2 dimensions: gains, biases and the temperature). Decide this
+    on the unwrapped model: FSDP replaces every parameter by a 1-D view of its shard.
     """
     exempt = set(no_decay_names or ())
+    return {
+        unwrapped_name(name)
+        for name, param in model.named_parameters()
+        if param.requires_grad and param.ndim >= 2 and unwrapped_name(name) not in exempt
+    }
+
+
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    no_decay_names: Iterable[str] | None = None,
+    decayed_names: set[str] | None = None,
+) -> list[dict]:
+    """Split trainable parameters into a decayed group (weight matrices) and an undecayed one.
+
+    `decayed_names`: the decision made earlier by `decayed_parameter_names` (before a sharded strategy
+    changed the parameters' shapes); None decides it now from `model` and `no_decay_names`.
+    """
+    if decayed_names is None:
+        decayed_names = decayed_parameter_names(model, no_decay_names)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or name in exempt else decay).append(param)
+        (decay if unwrapped_name(name) in decayed_names else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

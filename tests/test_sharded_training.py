@@ -1,0 +1,206 @@
+"""Training under the sharded strategies (DeepSpeed, FSDP): what can be checked without CUDA.
+
+On an H200 (torch 2.11, DeepSpeed 0.19.8) every DeepSpeed stage failed in its first broadcast of the model
+("self.dim() cannot be 0 to view BFloat16 as Byte": the 0-dim temperature) and FSDP refused the model ("FSDP
+doesn't support scalar parameters"). The training module now gives 0-dim parameters the shape (1,) under
+those strategies. Lightning runs neither strategy on a CPU, but torch's FSDP does (gloo): these tests wrap
+the model in real FSDP on two CPU processes, train a step, save the full state dict as a Lightning
+checkpoint and load it back with clip_train.checkpoints.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+from clip_train.checkpoints import CheckpointError, clip_config_to_dict, load_model
+from clip_train.losses import ContrastiveLoss
+from clip_train.models import build_model
+from clip_train.train import is_sharded, resume_checkpoint
+from clip_train.training.lightning_module import CLIPTrainingModule, promote_scalar_parameters
+from clip_train.training.optim import decayed_parameter_names, parameter_groups
+
+WORLD = 2
+EOT = 49407
+
+
+def _batch(model, n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    size = model.image_size
+    images = torch.randn(n, 3, size, size, generator=g)
+    tokens = torch.zeros(n, model.context_length, dtype=torch.long)
+    tokens[:, 0] = 49406
+    tokens[:, 1:6] = torch.randint(1, 1000, (n, 5), generator=g)
+    tokens[:, 6] = EOT
+    return images, tokens
+
+
+def test_promote_scalar_parameters_keeps_the_loss_and_its_gradients():
+    torch.manual_seed(0)
+    plain = build_model("vit-tiny")
+    promoted = build_model("vit-tiny")
+    promoted.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        plain.logit_scale.fill_(3.0)
+        promoted.logit_scale.fill_(3.0)
+    assert promote_scalar_parameters(promoted) == ["logit_scale"]
+    assert promoted.logit_scale.shape == (1,)
+    assert plain.logit_scale.shape == ()
+
+    images, tokens = _batch(plain)
+    losses, grads = [], []
+    for model in (plain, promoted):
+        out = model(images, tokens)
+        assert out.logit_scale.shape == ()  # the loss sees a 0-dim scale either way
+        loss = ContrastiveLoss()(out.image_embeds, out.text_embeds, out.logit_scale).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(model.logit_scale.grad.reshape(()).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert grads[0] == pytest.approx(grads[1], rel=1e-5)
+    assert grads[0] != 0.0
+
+    # clamping after a step works on the promoted shape too
+    with torch.no_grad():
+        promoted.logit_scale.fill_(9.0)
+    promoted.clamp_logit_scale_()
+    assert promoted.logit_scale.item() == pytest.approx(promoted.config.max_logit_scale)
+
+
+def test_siglip_bias_is_promoted_too():
+    model = build_model("vit-tiny", init_logit_bias=-10.0)
+    assert sorted(promote_scalar_parameters(model)) == ["logit_bias", "logit_scale"]
+    scale, bias = model.logit_scale_and_bias()
+    assert scale.shape == () and bias.shape == () and bias.item() == -10.0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "promoted"), [(FSDPStrategy(), True), (DDPStrategy(), False), ("auto", False)]
+)
+def test_training_module_promotes_only_under_sharded_strategies(strategy, promoted):
+    model = build_model("vit-tiny")
+    module = CLIPTrainingModule(model=model, loss=ContrastiveLoss(), optimizer=torch.optim.AdamW)
+    # configure_model reads only trainer.strategy; Lightning itself builds FSDP only with CUDA.
+    module._trainer = SimpleNamespace(strategy=strategy)
+    module.configure_model()
+    assert (model.logit_scale.shape == (1,)) is promoted
+    assert is_sharded(strategy) is promoted
+
+
+def test_registered_strategy_names_are_recognised():
+    assert is_sharded("deepspeed_stage_3")
+    assert is_sharded("fsdp")
+    assert not is_sharded("ddp")
+    assert not is_sharded("auto")
+
+
+# ------------------------------------------------------------------------- real FSDP on two CPU processes
+
+
+def _fsdp_rank(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        torch.manual_seed(0)
+        try:
+            FSDP(build_model("vit-tiny"), device_id=torch.device("cpu"))
+            result["unpromoted"] = "wrapped"
+        except ValueError as e:
+            result["unpromoted"] = str(e)
+
+        torch.manual_seed(0)
+        model = build_model("vit-tiny")
+        decayed = decayed_parameter_names(model, model.no_weight_decay_param_names())
+        promote_scalar_parameters(model)
+        # As configs/trainer/fsdp.yaml: the original parameters stay visible (as 1-D views of their shards).
+        wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
+        groups = parameter_groups(model, 0.1, decayed_names=decayed)
+        result["decayed"] = (len(decayed), len(groups[0]["params"]))
+        # Deciding by shape after wrapping would decay nothing: every view is 1-D.
+        result["decayed_if_decided_after_wrapping"] = len(parameter_groups(model, 0.1)[0]["params"])
+        optimizer = torch.optim.AdamW(groups, lr=1e-2)
+        images, tokens = _batch(model, seed=rank)
+        out = wrapped(images, tokens)
+        result["scale_shape"] = tuple(out.logit_scale.shape)
+        loss = ContrastiveLoss()(out.image_embeds, out.text_embeds, out.logit_scale).loss
+        loss.backward()
+        optimizer.step()
+        model.clamp_logit_scale_()  # on the local shard of the flat parameter: must not raise
+        with FSDP.state_dict_type(
+            wrapped,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=False),
+        ):
+            state = wrapped.state_dict()
+        if rank == 0:
+            torch.save(
+                {
+                    "state_dict": {f"model.{k}": v for k, v in state.items()},
+                    "clip_config": clip_config_to_dict(model.config),
+                },
+                Path(out_dir) / "fsdp.ckpt",
+            )
+            result["saved_scale"] = state["logit_scale"].clone()
+    finally:
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(180)
+def test_fsdp_trains_the_promoted_model_and_its_checkpoint_loads(tmp_path):
+    mp.spawn(_fsdp_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for r in results:
+        assert "scalar parameters" in r["unpromoted"]  # the failure seen on the H200, reproduced on CPU
+        assert r["scale_shape"] == ()
+        n_matrices, n_decayed = r["decayed"]
+        assert n_decayed == n_matrices > 10
+        assert r["decayed_if_decided_after_wrapping"] == 0
+    saved = results[0]["saved_scale"]
+    assert saved.shape == (1,)
+    assert saved.item() != pytest.approx(float(torch.log(torch.tensor(1 / 0.07))), abs=1e-6)  # it trained
+
+    model = load_model(tmp_path / "fsdp.ckpt")
+    assert model.logit_scale.shape == ()
+    assert model.logit_scale.item() == pytest.approx(saved.item())
+
+
+# --------------------------------------------------------------------------------- DeepSpeed checkpoints
+
+
+def test_a_deepspeed_checkpoint_directory_is_resumed(tmp_path):
+    run_dir = tmp_path / "runs" / "zero2"
+    (run_dir / "checkpoints" / "last.ckpt" / "checkpoint").mkdir(parents=True)
+    cfg = SimpleNamespace(resume=True, paths=SimpleNamespace(run_dir=str(run_dir)))
+    assert resume_checkpoint(cfg) == str(run_dir / "checkpoints" / "last.ckpt")
+
+
+def test_loading_a_deepspeed_checkpoint_directory_says_how_to_convert_it(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    (ckpt / "checkpoint").mkdir(parents=True)
+    (ckpt / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"DeepSpeed checkpoint.*convert_zero_checkpoint_to_fp32"):
+        load_model(ckpt)
