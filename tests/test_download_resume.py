@@ -180,6 +180,38 @@ def test_an_interrupted_pack_is_redone_without_downloading(
     assert not hidden_files(out)
 
 
+@pytest.mark.slow
+def test_kill_9_during_the_pack_then_resume(server: FaultServer, slow_table, tmp_path: Path) -> None:
+    """Repacking into shards of one sample writes 49 shards: enough time to kill the process among them."""
+    table, reference = slow_table
+    expected = tmp_path / "expected"
+    shutil.copytree(reference, expected)
+    assert cli_main([*common_args(table, expected), "--samples-per-shard", "1"]) == 0
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    args = [*common_args(table, out), "--samples-per-shard", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_pipelines.download", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not (out / "shard-000008.stats.json").exists():  # the first shard beyond the copy's 7
+        assert proc.poll() is None and time.monotonic() < deadline, "the pack ended before the kill"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    # Killed while packing: no manifest (the output is not finished), not every shard written yet.
+    assert not (out / "manifest.json").exists() and not (out / "_parts" / "packed.json").exists()
+    assert not (out / "shard-000048.stats.json").exists()
+    hits = dict(server.hits)
+    assert cli_main(args) == 0
+    assert dict(server.hits) == hits
+    assert shard_contents(out) == shard_contents(expected)
+    assert not hidden_files(out)
+
+
 def test_a_rerun_with_another_shard_size_repacks_without_downloading(
     server: FaultServer, slow_table, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ import pytest
 import webdataset as wds
 from download_support import TEST_USER_AGENT, FaultServer, jpeg_image, write_img2dataset_shards
 
+from clip_train.data.shards import count_samples, expand_urls
 from data_pipelines.download import DownloadConfig, FetchConfig, ImageConfig, InputError, run_download
 from data_pipelines.download.__main__ import main as cli_main
 from data_pipelines.download.plan import read_input
@@ -188,12 +189,50 @@ def test_shards_read_with_plain_webdataset(fault_run, server: FaultServer) -> No
         assert meta["matched_queries"] == [meta["query"]]
     meta = next(m for _, _, _, m in samples if m["url"] == server.url("/img/0.jpg"))
     assert (meta["original_width"], meta["original_height"], meta["width"]) == (64, 48, 32)
+    # The trainer takes the folder for its shards and counts samples from the manifest.
+    urls = expand_urls(str(out))
+    assert urls == [str(out / n) for n in names] and count_samples(urls)[0] == len(GOOD)
     for i, entry in enumerate(manifest["shards"]):
         stats = json.loads((out / f"shard-{i:06d}.stats.json").read_text())
         assert stats["num_samples"] == entry["num_samples"] == stats["status_counts"].get("success", 0)
         assert stats["rows"] == pq.read_metadata(out / f"shard-{i:06d}.parquet").num_rows
         with tarfile.open(out / entry["name"]) as tar:
             assert len(tar.getnames()) == 3 * entry["num_samples"]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "per_shard", "shards"),
+    [
+        # good (g) and failing (b) rows, parts of 2 rows -> each shard's rows; a shard starts at its first
+        # sample (shard 0 at row 0) and runs to the row before the next one's first sample.
+        ("bgbgb", 1, [[0, 1, 2], [3, 4]]),
+        ("ggg", 1, [[0], [1], [2]]),
+        ("gbggbbg", 2, [[0, 1, 2], [3, 4, 5, 6]]),
+        ("ggg", 5, [[0, 1, 2]]),
+        ("bbb", 2, [[0, 1, 2]]),  # no sample at all: one empty shard holds every row
+        ("", 3, [[]]),  # no rows at all: one empty shard
+    ],
+)
+def test_shard_boundaries(server: FaultServer, tmp_path: Path, kinds: str, per_shard: int, shards) -> None:
+    bad = "ftp://example.com/x.jpg"
+    urls = [server.url(f"/img/{i}.jpg") if k == "g" else bad for i, k in enumerate(kinds)]
+    table = write_table(tmp_path / "in.parquet", urls)
+    config = DownloadConfig(
+        input=str(table),
+        output=str(tmp_path / "out"),
+        samples_per_shard=per_shard,
+        rows_per_part=2,
+        fetch=fast_fetch(),
+        image=ImageConfig(image_size=16),
+    )
+    summary = run_download(config, progress=False, log=lambda _: None)
+    out = tmp_path / "out"
+    rows = [pq.read_table(p).column("row").to_pylist() for p in sorted(out.glob("shard-*.parquet"))]
+    assert rows == shards and summary.num_shards == len(shards)
+    for tar, shard_rows in zip(sorted(out.glob("shard-*.tar")), shards):
+        keys = sorted(read_samples(tar))
+        assert keys == [f"{r:09d}" for r in shard_rows if kinds[r] == "g"]
+        assert tar.read_bytes() == tar_bytes(read_samples(tar).values())
 
 
 def test_rerun_of_a_finished_output_does_nothing(fault_run) -> None:
