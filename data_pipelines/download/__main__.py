@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples-per-shard",
         type=int,
         default=10_000,
-        help="samples in each final shard (the last one holds the remainder)",
+        help="samples in each final shard (the last one holds the remainder); a rerun with another value "
+        "repacks without downloading",
     )
     g.add_argument(
         "--rows-per-part",
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--retry-statuses",
         default="",
-        help="comma list of statuses to retry (default: every failure except duplicates)",
+        help="comma list of statuses to retry (empty: every failure; duplicates are not failures)",
     )
     g.add_argument(
         "--delete-parts",
