@@ -219,7 +219,9 @@ class FaultHandler(BaseHTTPRequestHandler):
                 "scoped.jpg": "clipbot: noimageai",
                 "other-agent.jpg": "otherbot: noai",
             }
-            self._send(200, jpeg_image(5 + seed), headers=[("X-Robots-Tag", tag.get(seg[1], "noai"))])
+            # Seeds of their own: an allowed opt-out image must not be a duplicate of an /img/ one.
+            image = jpeg_image(500 + seed)
+            self._send(200, image, headers=[("X-Robots-Tag", tag.get(seg[1], "noai"))])
         else:
             self._send(404, b"not found", "text/plain")
 

@@ -1,10 +1,11 @@
-"""Resume after kill -9, retry of failed rows, and scale-out (processes, submitit arrays) give the same
-shards as one uninterrupted run."""
+"""Resume after kill -9 (while downloading parts or while packing), retry of failed rows, repacking, and
+scale-out (processes, submitit arrays) give the same final shards as one uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,8 @@ def common_args(table: Path, out: Path, *extra: str) -> list[str]:
         "--user-agent",
         TEST_USER_AGENT,
         "--samples-per-shard",
+        "8",
+        "--rows-per-part",
         "10",
         "--image-size",
         "24",
@@ -50,15 +53,21 @@ def write_urls(path: Path, urls: list[str]) -> Path:
 
 
 def shard_contents(out: Path) -> dict[str, object]:
-    """Everything that must match between runs: tar bytes, per-row statuses (attempts aside), manifest."""
-    contents: dict[str, object] = {}
+    """Everything that must match between runs: the final shards' file names, tar bytes, per-row statuses
+    (attempts aside) and the manifest."""
+    contents: dict[str, object] = {"names": sorted(p.name for p in out.glob("shard-*"))}
     for tar in sorted(out.glob("shard-*.tar")):
         contents[tar.name] = tar.read_bytes()
         rows = pq.read_table(tar.with_suffix(".parquet")).drop(["attempts"]).to_pylist()
         contents[tar.with_suffix(".parquet").name] = rows
     manifest = json.loads((out / "manifest.json").read_text())
-    contents["manifest"] = {k: manifest[k] for k in ("shards", "num_samples", "status_counts")}
+    keys = ("shards", "num_samples", "status_counts", "duplicates", "samples_per_shard")
+    contents["manifest"] = {k: manifest[k] for k in keys}
     return contents
+
+
+def hidden_files(out: Path) -> list[str]:
+    return [p.name for folder in (out, out / "_parts") for p in folder.iterdir() if p.name.startswith(".")]
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +78,20 @@ def server():
 
 @pytest.fixture(scope="module")
 def slow_table(server: FaultServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """60 slow URLs (a few failing) and the output of one uninterrupted run over them."""
+    """60 slow URLs (9 failing, 2 repeating the image of a row in an earlier part) and the output of one
+    uninterrupted run over them: 6 parts of 10 rows, 49 samples in final shards of 8."""
     tmp = tmp_path_factory.mktemp("slow")
     urls = [
         server.url(f"/slowimg/{i}.jpg") if i % 7 else server.url(f"/status/{404 + i % 2}") for i in range(60)
     ]
+    # The bytes of /slowimg/3.jpg and /slowimg/8.jpg, in part 0:
+    urls[45], urls[52] = server.url("/dup/3.jpg"), server.url("/dup/8.jpg")
     table = write_urls(tmp / "in.parquet", urls)
     reference = tmp / "reference"
     assert cli_main(common_args(table, reference, "--concurrency", "8")) == 0
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert [s["num_samples"] for s in manifest["shards"]] == [8] * 6 + [1]
+    assert manifest["duplicates"] == 2
     return table, reference
 
 
@@ -93,48 +108,127 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
                 sys.executable,
                 "-m",
                 "data_pipelines.download",
-                *common_args(table, out, "--concurrency", "3", "--shards-in-flight", "1"),
+                *common_args(table, out, "--concurrency", "3", "--parts-in-flight", "1"),
             ],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
-        while not (out / "shard-000001.stats.json").exists():
+        while not (out / "_parts" / "part-000001.stats.json").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the download ended before the kill"
             time.sleep(0.02)
-        time.sleep(0.2)  # well inside shard 2
+        time.sleep(0.2)  # well inside part 2
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
     finally:
         server.httpd.delay_seconds = 0.05
-    # Killed mid-run: some shards missing, none truncated under its final name, no manifest yet.
-    finished = sorted(p.name for p in out.glob("shard-*.stats.json"))
+    # Killed while downloading: some parts missing, none truncated under its final name, nothing packed.
+    finished = sorted(p.name for p in (out / "_parts").glob("part-*.stats.json"))
     assert 2 <= len(finished) < 6 and not (out / "manifest.json").exists()
-    for tar in out.glob("shard-*.tar"):
+    assert not list(out.glob("shard-*"))
+    for tar in (out / "_parts").glob("part-*.tar"):
         with tarfile.open(tar) as f:
             names = f.getnames()
         rows = pq.read_table(tar.with_suffix(".parquet")).column("status").to_pylist()
         assert len(names) == 3 * rows.count("success")
     assert cli_main(common_args(table, out, "--concurrency", "8")) == 0
     assert shard_contents(out) == shard_contents(reference)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not hidden_files(out)
 
 
-def test_stale_partial_state_is_redone(slow_table, tmp_path: Path) -> None:
-    """What a kill can leave: a tmp file, a final tar whose stats were never written, a torn stats file."""
+def test_stale_partial_parts_are_redone(slow_table, tmp_path: Path) -> None:
+    """What a kill while downloading can leave in _parts: a part with a tmp file and no stats, a torn stats
+    file."""
     table, reference = slow_table
     out = tmp_path / "out"
     out.mkdir()
     assert cli_main(common_args(table, out, "--concurrency", "8")) == 0
-    (out / "shard-000002.stats.json").unlink()
-    (out / ".shard-000003.tar.999.tmp").write_bytes(b"partial")
-    (out / "shard-000004.stats.json").write_text('{"tar_bytes": 1')
-    (out / "manifest.json").unlink()
-    before = (out / "shard-000000.tar").stat().st_mtime_ns
+    parts = out / "_parts"
+    (parts / "part-000002.stats.json").unlink()
+    (parts / ".part-000002.parquet.999.tmp").write_bytes(b"partial")
+    (parts / "part-000004.stats.json").write_text('{"tar_bytes": 1')
+    before = (parts / "part-000000.tar").stat().st_mtime_ns
     assert cli_main(common_args(table, out, "--concurrency", "8")) == 0
     assert shard_contents(out) == shard_contents(reference)
-    assert (out / "shard-000000.tar").stat().st_mtime_ns == before  # finished shards untouched
+    assert (parts / "part-000000.tar").stat().st_mtime_ns == before  # finished parts untouched
+    assert not hidden_files(out)
+
+
+def test_an_interrupted_pack_is_redone_without_downloading(
+    server: FaultServer, slow_table, tmp_path: Path
+) -> None:
+    """What a kill during the pack can leave: no manifest or packed.json (removed before the first final
+    file changes), a shard whose stats were never written, a tmp file, a tar of an earlier pack whose
+    stats no longer match, and shards beyond the count (an earlier pack with more)."""
+    table, reference = slow_table
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / "manifest.json").unlink()
+    (out / "_parts" / "packed.json").unlink()
+    (out / "shard-000001.stats.json").unlink()
+    (out / ".shard-000002.tar.999.tmp").write_bytes(b"partial")
+    (out / "shard-000003.tar").write_bytes(bytes(10240))
+    for suffix in (".tar", ".parquet", ".stats.json"):
+        shutil.copy(out / f"shard-000000{suffix}", out / f"shard-000009{suffix}")
+    before = (out / "shard-000000.tar").stat().st_mtime_ns
+    hits = dict(server.hits)
+    assert cli_main(common_args(table, out)) == 0
+    assert dict(server.hits) == hits  # the parts were complete: nothing is downloaded again
+    assert shard_contents(out) == shard_contents(reference)
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == before  # finished shards of this pack kept
+    assert not hidden_files(out)
+
+
+@pytest.mark.slow
+def test_kill_9_during_the_pack_then_resume(server: FaultServer, slow_table, tmp_path: Path) -> None:
+    """Repacking into shards of one sample writes 49 shards: enough time to kill the process among them."""
+    table, reference = slow_table
+    expected = tmp_path / "expected"
+    shutil.copytree(reference, expected)
+    assert cli_main([*common_args(table, expected), "--samples-per-shard", "1"]) == 0
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    args = [*common_args(table, out), "--samples-per-shard", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_pipelines.download", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not (out / "shard-000008.stats.json").exists():  # the first shard beyond the copy's 7
+        assert proc.poll() is None and time.monotonic() < deadline, "the pack ended before the kill"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    # Killed while packing: no manifest (the output is not finished), not every shard written yet.
+    assert not (out / "manifest.json").exists() and not (out / "_parts" / "packed.json").exists()
+    assert not (out / "shard-000048.stats.json").exists()
+    hits = dict(server.hits)
+    assert cli_main(args) == 0
+    assert dict(server.hits) == hits
+    assert shard_contents(out) == shard_contents(expected)
+    assert not hidden_files(out)
+
+
+def test_a_rerun_with_another_shard_size_repacks_without_downloading(
+    server: FaultServer, slow_table, tmp_path: Path
+) -> None:
+    table, reference = slow_table
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    hits = dict(server.hits)
+    assert cli_main([*common_args(table, out), "--samples-per-shard", "20"]) == 0
+    assert dict(server.hits) == hits
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["num_samples"] for s in manifest["shards"]] == [20, 20, 9]
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == [f"shard-{i:06d}.tar" for i in range(3)]
+    fresh = tmp_path / "fresh"
+    assert cli_main([*common_args(table, fresh, "--concurrency", "8"), "--samples-per-shard", "20"]) == 0
+    assert shard_contents(out) == shard_contents(fresh)
+    assert cli_main(common_args(table, out)) == 0  # and back
+    assert shard_contents(out) == shard_contents(reference)
 
 
 def test_retry_failed_refetches_only_failed_rows(tmp_path: Path) -> None:
@@ -142,10 +236,14 @@ def test_retry_failed_refetches_only_failed_rows(tmp_path: Path) -> None:
         urls = [server.url(f"/img/{i}.jpg") for i in range(8)]
         urls[2], urls[5] = server.url("/flaky/100.jpg"), server.url("/flaky/101.jpg")
         urls.append(server.url("/status/404"))
+        # Row 11, in the second part, has the bytes of /flaky/100.jpg (row 2): a sample until row 2 is
+        # retried, a duplicate after.
+        urls += [server.url("/img/8.jpg"), server.url("/img/9.jpg"), server.url("/img/100.jpg")]
         table = write_urls(tmp_path / "in.parquet", urls)
         out = tmp_path / "out"
         assert cli_main(common_args(table, out)) == 0
-        assert json.loads((out / "manifest.json").read_text())["num_samples"] == 6
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert [s["num_samples"] for s in manifest["shards"]] == [8, 1] and manifest["duplicates"] == 0
         server.httpd.flaky_ok = True
         hits = dict(server.hits)
         assert cli_main(common_args(table, out, "--retry-failed")) == 0
@@ -155,11 +253,40 @@ def test_retry_failed_refetches_only_failed_rows(tmp_path: Path) -> None:
         fresh = tmp_path / "fresh"
         assert cli_main(common_args(table, fresh)) == 0
         assert shard_contents(out) == shard_contents(fresh)
-        assert json.loads((out / "manifest.json").read_text())["num_samples"] == 8
-        # --retry-statuses narrows it: nothing is a timeout here, so nothing is fetched.
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert [s["num_samples"] for s in manifest["shards"]] == [8, 2] and manifest["duplicates"] == 1
+        row = pq.read_table(out / "shard-000001.parquet").to_pylist()[-1]
+        assert (row["row"], row["status"]) == (11, "duplicate")
+        assert row["error"] == "same image bytes as key 000000002"
+        # --retry-statuses narrows it: nothing is a timeout here, so nothing is fetched or repacked.
         hits = dict(server.hits)
+        before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
         assert cli_main(common_args(table, out, "--retry-statuses", "timeout")) == 0
         assert dict(server.hits) == hits
+        assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+
+
+def test_delete_parts_keeps_the_shards_and_refuses_retry(
+    server: FaultServer, slow_table, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    table, reference = slow_table
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    assert cli_main(common_args(table, out, "--delete-parts")) == 0
+    assert [p.name for p in (out / "_parts").iterdir()] == ["packed.json"]
+    assert shard_contents(out) == shard_contents(reference)
+    hits = dict(server.hits)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert cli_main(common_args(table, out)) == 0  # finished: nothing to download (the parts are gone)
+    assert dict(server.hits) == hits and before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli_main(common_args(table, out, "--retry-failed")) == 2
+    assert "were deleted after packing (--delete-parts), so its failed rows cannot be retried" in (
+        capsys.readouterr().err
+    )
+    assert cli_main([*common_args(table, out), "--samples-per-shard", "20"]) == 2
+    assert "cannot be repacked with 20 samples per shard" in capsys.readouterr().err
+    assert dict(server.hits) == hits and shard_contents(out) == shard_contents(reference)
 
 
 @pytest.mark.slow

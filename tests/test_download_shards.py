@@ -1,7 +1,9 @@
-"""End to end: a table of good and faulty URLs -> shards, stats, per-row parquet and manifest."""
+"""End to end: a table of good and faulty URLs -> parts -> final shards of a fixed number of samples, with
+stats, per-row parquet and manifest; exact duplicates dropped over the whole dataset."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tarfile
@@ -14,9 +16,11 @@ import pytest
 import webdataset as wds
 from download_support import TEST_USER_AGENT, FaultServer, jpeg_image, write_img2dataset_shards
 
+from clip_train.data.shards import count_samples, expand_urls
 from data_pipelines.download import DownloadConfig, FetchConfig, ImageConfig, InputError, run_download
 from data_pipelines.download.__main__ import main as cli_main
 from data_pipelines.download.plan import read_input
+from data_pipelines.download.shard_writer import read_samples, tar_bytes
 
 GOOD = [f"/img/{i}.jpg" for i in range(12)] + ["/png/1.png", "/redirect/2/40.jpg", "/optout/other-agent.jpg"]
 BAD = {
@@ -34,8 +38,11 @@ BAD = {
     "/optout/noai.jpg": "opted_out",
     "/optout/scoped.jpg": "opted_out",
     "/private/3.jpg": "robots_disallowed",
-    "/dup/4.jpg": "duplicate",  # same bytes as /img/4.jpg, an earlier row of the same shard
+    "/dup/4.jpg": "duplicate",  # same bytes as /img/4.jpg, the row before it (the same part)
+    "/dup/2.jpg": "duplicate",  # same bytes as /img/2.jpg, in the first part; this one is in the last
 }
+SAMPLES_PER_SHARD = 6
+ROWS_PER_PART = 10
 
 
 def fast_fetch(**overrides: object) -> FetchConfig:
@@ -67,7 +74,7 @@ def server():
 @pytest.fixture(scope="module")
 def fault_run(server: FaultServer, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("faults")
-    # Interleave good and bad rows; /dup/4.jpg comes after /img/4.jpg inside the first shard.
+    # Interleave good and bad rows; /dup/4.jpg comes right after /img/4.jpg, /dup/2.jpg last.
     paths, good_iter, bad_iter = [], iter(GOOD), iter(BAD)
     for i in range(len(GOOD) + len(BAD)):
         paths.append(
@@ -75,6 +82,8 @@ def fault_run(server: FaultServer, tmp_path_factory: pytest.TempPathFactory):
         )
     paths.remove("/dup/4.jpg")
     paths.insert(paths.index("/img/4.jpg") + 1, "/dup/4.jpg")
+    paths.remove("/dup/2.jpg")
+    paths.append("/dup/2.jpg")
     urls = [server.url(p) for p in paths] + ["ftp://example.com/x.jpg", None, server.blackhole_url]
     expected_bad = {**{server.url(p): s for p, s in BAD.items()}, "ftp://example.com/x.jpg": "bad_url"}
     expected_bad[server.blackhole_url] = "timeout"
@@ -88,7 +97,8 @@ def fault_run(server: FaultServer, tmp_path_factory: pytest.TempPathFactory):
     config = DownloadConfig(
         input=str(table),
         output=str(tmp / "out"),
-        samples_per_shard=12,
+        samples_per_shard=SAMPLES_PER_SHARD,
+        rows_per_part=ROWS_PER_PART,
         fetch=fast_fetch(),
         image=ImageConfig(image_size=32),
     )
@@ -107,9 +117,57 @@ def test_every_url_ends_in_a_shard_or_has_a_reason(fault_run, server: FaultServe
     for url, status in expected_bad.items():
         assert by_url[url]["status"] == status and by_url[url]["error"], by_url[url]
     assert next(r for r in rows if r["url"] is None)["status"] == "bad_url"
-    assert summary.total_samples == len(GOOD) and not summary.incomplete_shards
+    assert summary.total_samples == len(GOOD) and not summary.incomplete_parts
     assert elapsed < 15  # no hang at the end: bounded by timeouts x attempts
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    for folder in (out, out / "_parts"):
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_duplicates_are_dropped_across_parts_with_the_key_they_repeat(fault_run, server: FaultServer) -> None:
+    out, *_ = fault_run
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("shard-*.parquet"))]).to_pylist()
+    by_url = {r["url"]: r for r in rows if r["url"]}
+    for dup, first in (("/dup/4.jpg", "/img/4.jpg"), ("/dup/2.jpg", "/img/2.jpg")):
+        dup_row, first_row = by_url[server.url(dup)], by_url[server.url(first)]
+        assert dup_row["error"] == f"same image bytes as key {first_row['key']}"
+        assert dup_row["source_sha256"] == first_row["source_sha256"] and dup_row["sha256"] is None
+    # /dup/2.jpg really is in another part than the image it repeats, where it was downloaded as a success.
+    dup_row, first_row = by_url[server.url("/dup/2.jpg")], by_url[server.url("/img/2.jpg")]
+    assert dup_row["row"] // ROWS_PER_PART != first_row["row"] // ROWS_PER_PART
+    part = pq.read_table(out / "_parts" / f"part-{dup_row['row'] // ROWS_PER_PART:06d}.parquet").to_pylist()
+    assert next(r for r in part if r["row"] == dup_row["row"])["status"] == "success"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["duplicates"] == manifest["status_counts"]["duplicate"] == 2
+    stored = [m["source_sha256"] for tar in sorted(out.glob("shard-*.tar")) for m in _metas(tar)]
+    assert len(stored) == len(set(stored)) == len(GOOD)
+
+
+def _metas(tar_path: Path) -> list[dict]:
+    return [s.meta for s in read_samples(tar_path).values()]
+
+
+def test_final_shards_hold_a_fixed_number_of_samples_copied_from_the_parts(fault_run) -> None:
+    out, urls, *_ = fault_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = [s["num_samples"] for s in manifest["shards"]]
+    assert counts == [SAMPLES_PER_SHARD] * (len(GOOD) // SAMPLES_PER_SHARD) + [len(GOOD) % SAMPLES_PER_SHARD]
+    assert manifest["samples_per_shard"] == SAMPLES_PER_SHARD
+    assert manifest["num_parts"] == -(-len(urls) // ROWS_PER_PART) == 4
+    parts = {}
+    for tar in sorted((out / "_parts").glob("part-*.tar")):
+        parts.update(read_samples(tar))
+    previous_end = 0
+    for entry in manifest["shards"]:
+        tar = out / entry["name"]
+        samples = read_samples(tar)
+        # Member bytes are the parts' own (no re-encoding), and the assembled tar is exactly the tar the
+        # part writer would give for these samples.
+        assert all(samples[k] == parts[k] for k in samples)
+        assert tar.read_bytes() == tar_bytes(samples.values())
+        # Each final parquet covers a contiguous interval of input rows, the next one starting after it.
+        rows = pq.read_table(tar.with_suffix(".parquet"), columns=["row"]).column("row").to_pylist()
+        assert rows == list(range(previous_end, previous_end + len(rows)))
+        previous_end += len(rows)
 
 
 def test_shards_read_with_plain_webdataset(fault_run, server: FaultServer) -> None:
@@ -131,33 +189,73 @@ def test_shards_read_with_plain_webdataset(fault_run, server: FaultServer) -> No
         assert meta["matched_queries"] == [meta["query"]]
     meta = next(m for _, _, _, m in samples if m["url"] == server.url("/img/0.jpg"))
     assert (meta["original_width"], meta["original_height"], meta["width"]) == (64, 48, 32)
+    # The trainer takes the folder for its shards and counts samples from the manifest.
+    urls = expand_urls(str(out))
+    assert urls == [str(out / n) for n in names] and count_samples(urls)[0] == len(GOOD)
     for i, entry in enumerate(manifest["shards"]):
         stats = json.loads((out / f"shard-{i:06d}.stats.json").read_text())
         assert stats["num_samples"] == entry["num_samples"] == stats["status_counts"].get("success", 0)
+        assert stats["rows"] == pq.read_metadata(out / f"shard-{i:06d}.parquet").num_rows
         with tarfile.open(out / entry["name"]) as tar:
             assert len(tar.getnames()) == 3 * entry["num_samples"]
 
 
+@pytest.mark.parametrize(
+    ("kinds", "per_shard", "shards"),
+    [
+        # good (g) and failing (b) rows, parts of 2 rows -> each shard's rows; a shard starts at its first
+        # sample (shard 0 at row 0) and runs to the row before the next one's first sample.
+        ("bgbgb", 1, [[0, 1, 2], [3, 4]]),
+        ("ggg", 1, [[0], [1], [2]]),
+        ("gbggbbg", 2, [[0, 1, 2], [3, 4, 5, 6]]),
+        ("ggg", 5, [[0, 1, 2]]),
+        ("bbb", 2, [[0, 1, 2]]),  # no sample at all: one empty shard holds every row
+        ("", 3, [[]]),  # no rows at all: one empty shard
+    ],
+)
+def test_shard_boundaries(server: FaultServer, tmp_path: Path, kinds: str, per_shard: int, shards) -> None:
+    bad = "ftp://example.com/x.jpg"
+    urls = [server.url(f"/img/{i}.jpg") if k == "g" else bad for i, k in enumerate(kinds)]
+    table = write_table(tmp_path / "in.parquet", urls)
+    config = DownloadConfig(
+        input=str(table),
+        output=str(tmp_path / "out"),
+        samples_per_shard=per_shard,
+        rows_per_part=2,
+        fetch=fast_fetch(),
+        image=ImageConfig(image_size=16),
+    )
+    summary = run_download(config, progress=False, log=lambda _: None)
+    out = tmp_path / "out"
+    rows = [pq.read_table(p).column("row").to_pylist() for p in sorted(out.glob("shard-*.parquet"))]
+    assert rows == shards and summary.num_shards == len(shards)
+    for tar, shard_rows in zip(sorted(out.glob("shard-*.tar")), shards):
+        keys = sorted(read_samples(tar))
+        assert keys == [f"{r:09d}" for r in shard_rows if kinds[r] == "g"]
+        assert tar.read_bytes() == tar_bytes(read_samples(tar).values())
+
+
 def test_rerun_of_a_finished_output_does_nothing(fault_run) -> None:
     out, *_ = fault_run
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+
+    def mtimes() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in [*out.iterdir(), *(out / "_parts").iterdir()]}
+
+    before = mtimes()
     config = DownloadConfig(
         input=str(out.parent / "in.parquet"),
         output=str(out),
-        samples_per_shard=12,
+        samples_per_shard=SAMPLES_PER_SHARD,
+        rows_per_part=ROWS_PER_PART,
         fetch=fast_fetch(),
         image=ImageConfig(image_size=32),
     )
     summary = run_download(config, progress=False, log=lambda _: None)
-    assert summary.rows == 0 and summary.total_samples == len(GOOD)
-    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
-    with pytest.raises(InputError, match="different settings"):
-        run_download(
-            DownloadConfig(
-                input=config.input, output=str(out), samples_per_shard=12, image=ImageConfig(image_size=64)
-            ),
-            progress=False,
-        )
+    assert summary.rows == 0 and summary.total_samples == len(GOOD) and summary.duplicates == 2
+    assert before == mtimes()
+    for changed in ({"image": ImageConfig(image_size=64)}, {"rows_per_part": 12}):
+        with pytest.raises(InputError, match="different settings"):
+            run_download(dataclasses.replace(config, **changed), progress=False)
 
 
 def test_csv_jsonl_folders_and_column_names(server: FaultServer, tmp_path: Path) -> None:
@@ -208,11 +306,16 @@ def test_cli_shows_progress_and_ends_with_a_one_line_summary(
     # The bar (on stderr) counts rows and shows the images/s and success rate of the run.
     assert "7/7" in err and re.search(r"\d+ img/s, ok \d+\.\d%", err)
     lines = out.strip().splitlines()
-    assert lines[0].startswith(f"7 input rows -> 1 shard(s) of 10000 rows in {out_dir}")
+    assert lines[0].startswith(f"7 input rows -> 1 part(s) of 10000 rows in {out_dir / '_parts'}; ")
+    assert re.fullmatch(
+        r"packed 1 part\(s\) into 1 shard\(s\) of 10000 samples \(1 written, 0 duplicate\(s\) dropped\) "
+        r"in [\d.]+ s",
+        lines[1],
+    )
     assert lines[-2] == "statuses over the whole output: success 6, http_error 1"
     assert re.fullmatch(
-        rf"downloaded 6/7 rows into 1 shard\(s\) in [\d.]+ s \(\d+ images/s\); 6 samples in the output; "
-        rf"output: {re.escape(str(out_dir))}",
+        rf"downloaded 6/7 rows into 1 part\(s\) in [\d.]+ s \(\d+ images/s\); 6 samples in 1 shard\(s\), "
+        rf"0 duplicate\(s\) dropped; output: {re.escape(str(out_dir))}",
         lines[-1],
     )
 

@@ -16,8 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_pipelines.download",
         description=(
-            "Download the images of a URL/text table into WebDataset shards (shard-000000.tar ... with a "
-            "stats JSON and a per-row status parquet beside each, and manifest.json). Rerun the same command "
+            "Download the images of a URL/text table into WebDataset shards of a fixed number of samples "
+            "(shard-000000.tar ... with a stats JSON and a per-row status parquet beside each, and "
+            "manifest.json), exact duplicate images dropped. Downloads go into parts of a fixed number of "
+            "input rows (OUTPUT/_parts), packed into the shards once all are done. Rerun the same command "
             "to resume after a crash or kill; add --retry-failed to re-fetch only the rows that failed."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -27,7 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input and shards")
     g.add_argument("--url-col", default="url", help="column holding the image URL")
     g.add_argument("--text-col", default="text", help="column holding the caption")
-    g.add_argument("--samples-per-shard", type=int, default=10_000, help="input rows per shard")
+    g.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=10_000,
+        help="samples in each final shard (the last one holds the remainder); a rerun with another value "
+        "repacks without downloading",
+    )
+    g.add_argument(
+        "--rows-per-part",
+        type=int,
+        default=10_000,
+        help="input rows per download part: the unit of resume, retry and work split (a rerun must keep it)",
+    )
     g = p.add_argument_group("images")
     g.add_argument("--image-size", type=int, default=256, help="output size in pixels")
     g.add_argument(
@@ -78,21 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--processes", type=int, default=1, help="worker processes (per SLURM task with --slurm)")
     g.add_argument("--threads", type=int, default=4, help="image-processing threads per process")
-    g.add_argument("--shards-in-flight", type=int, default=2, help="shards open at a time per process")
+    g.add_argument("--parts-in-flight", type=int, default=2, help="parts open at a time per process")
     g.add_argument(
         "--retry-failed",
         action="store_true",
-        help="also re-fetch the failed rows of finished shards (e.g. after a server recovered)",
+        help="also re-fetch the failed rows of finished parts (e.g. after a server recovered), then repack",
     )
     g.add_argument(
         "--retry-statuses",
         default="",
-        help="comma list of statuses to retry (default: every failure except duplicates)",
+        help="comma list of statuses to retry (empty: every failure; duplicates are not failures)",
+    )
+    g.add_argument(
+        "--delete-parts",
+        action="store_true",
+        help="delete OUTPUT/_parts' tars and parquets after a successful pack (they hold every sample a "
+        "second time); the output can then no longer be retried or repacked",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("SLURM (submitit)")
     g.add_argument("--slurm", action="store_true", help="run as a SLURM job array through submitit")
-    g.add_argument("--slurm-array-size", type=int, default=1, help="array tasks; shards are split over them")
+    g.add_argument("--slurm-array-size", type=int, default=1, help="array tasks; parts are split over them")
     g.add_argument("--slurm-partition", default=None)
     g.add_argument("--slurm-time-min", type=int, default=24 * 60, help="time limit per task in minutes")
     g.add_argument(
@@ -134,13 +154,15 @@ def config_from_args(args: argparse.Namespace) -> DownloadConfig:
         url_col=args.url_col,
         text_col=args.text_col,
         samples_per_shard=args.samples_per_shard,
+        rows_per_part=args.rows_per_part,
         fetch=fetch,
         image=image,
         processes=args.processes,
         threads=args.threads,
-        shards_in_flight=args.shards_in_flight,
+        parts_in_flight=args.parts_in_flight,
         retry_failed=args.retry_failed or bool(statuses),
         retry_statuses=statuses,
+        delete_parts=args.delete_parts,
     )
 
 
@@ -167,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if counts:
         print(f"statuses over the whole output: {counts}")
     print(summary.line())
-    return 0 if not summary.incomplete_shards else 1
+    return 0 if not summary.incomplete_parts else 1
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""The input table and how its rows are split into shards; what a rerun still has to do.
+"""The input table and how its rows are split into parts; what a rerun still has to do.
 
-Shard i holds input rows [i * samples_per_shard, (i + 1) * samples_per_shard), in input order, and a row's
-key is its zero-padded global row number. Both follow from the input alone, so any process, on any
-machine, at any later time, writes the same sample under the same key into the same shard: that is what
-makes resume, retry and SLURM arrays safe without coordination.
+Part i holds input rows [i * rows_per_part, (i + 1) * rows_per_part), in input order, and a row's key is
+its zero-padded global row number. Both follow from the input alone, so any process, on any machine, at
+any later time, writes the same sample under the same key into the same part: that is what makes resume,
+retry and SLURM arrays safe without coordination. (The final shards, of a fixed number of samples, are
+packed from the parts afterwards: pack.py.)
 
 The plan (`_plan/plan.json`) and a copy of the rows (`_plan/rows.parquet`, only the columns we use) are
-written once, before any download. A rerun checks that the input and every setting that changes shard
-bytes are the same, then finds the work left: shards whose stats file (the commit marker) is missing.
+written once, before any download. A rerun checks that the input and every setting that changes part
+bytes are the same, then finds the work left: parts whose stats file (the commit marker) is missing.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from data_pipelines.download.shard_writer import read_stats, shard_paths
+from data_pipelines.download.shard_writer import PART_PREFIX, file_paths, file_stem, read_stats
 
 # Columns of the balanced candidate table (part 1) that are carried into each sample's JSON when present.
 OPTIONAL_COLUMNS = ("query", "matched_queries", "source")
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 PLAN_DIR = "_plan"
+PARTS_DIR = "_parts"
 
 
 class InputError(ValueError):
@@ -107,18 +109,18 @@ def _fingerprint(table: pa.Table) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """How the input is split; `settings` are those that change shard bytes (a rerun must match them)."""
+    """How the input is split; `settings` are those that change part bytes (a rerun must match them)."""
 
     out_dir: str
     input: str
     num_rows: int
-    samples_per_shard: int
+    rows_per_part: int
     fingerprint: str
     settings: dict
 
     @property
-    def num_shards(self) -> int:
-        return max(1, math.ceil(self.num_rows / self.samples_per_shard))
+    def num_parts(self) -> int:
+        return max(1, math.ceil(self.num_rows / self.rows_per_part))
 
     @property
     def key_width(self) -> int:
@@ -131,30 +133,47 @@ class Plan:
     def rows_path(self) -> Path:
         return Path(self.out_dir) / PLAN_DIR / "rows.parquet"
 
-    def shard_rows(self, index: int) -> list[dict]:
-        """Input rows of shard `index` as dicts with a `row` field (global row number)."""
-        start = index * self.samples_per_shard
+    @property
+    def parts_dir(self) -> Path:
+        return Path(self.out_dir) / PARTS_DIR
+
+    def part_stem(self, index: int) -> str:
+        return file_stem(PART_PREFIX, index)
+
+    def part_paths(self, index: int) -> tuple[Path, Path, Path]:
+        """(tar, parquet, stats) paths of part `index`."""
+        return file_paths(self.parts_dir, self.part_stem(index))
+
+    def part_rows(self, index: int) -> list[dict]:
+        """Input rows of part `index` as dicts with a `row` field (global row number)."""
+        start = index * self.rows_per_part
         table = pq.read_table(
             self.rows_path,
-            filters=[("row", ">=", start), ("row", "<", start + self.samples_per_shard)],
+            filters=[("row", ">=", start), ("row", "<", start + self.rows_per_part)],
         )
         return sorted(table.to_pylist(), key=lambda r: r["row"])
 
-    def complete_shards(self) -> list[int]:
-        return [i for i in range(self.num_shards) if read_stats(Path(self.out_dir), i) is not None]
+    def part_stats(self, index: int) -> dict | None:
+        """The stats of part `index` when it is complete, else None."""
+        return read_stats(self.parts_dir, self.part_stem(index))
 
-    def pending_shards(self) -> list[int]:
-        """Shards with no valid stats file: never started, interrupted, or left inconsistent."""
-        return [i for i in range(self.num_shards) if read_stats(Path(self.out_dir), i) is None]
+    def complete_parts(self) -> list[int]:
+        return [i for i in range(self.num_parts) if self.part_stats(i) is not None]
+
+    def pending_parts(self) -> list[int]:
+        """Parts with no valid stats file: never started, interrupted, or left inconsistent."""
+        return [i for i in range(self.num_parts) if self.part_stats(i) is None]
 
     def failed_rows(self, index: int, statuses: frozenset[str] | None) -> list[int]:
-        """Row numbers of a finished shard whose status is a failure (in `statuses`, if given)."""
-        _, parquet_path, _ = shard_paths(Path(self.out_dir), index)
-        table = pq.read_table(parquet_path, columns=["row", "status"])
+        """Row numbers of a finished part whose status is a failure (in `statuses`, if given).
+
+        Parts hold no `duplicate` rows (the pack decides those), so a duplicate is never fetched again.
+        """
+        table = pq.read_table(self.part_paths(index)[1], columns=["row", "status"])
         return [
             r["row"]
             for r in table.to_pylist()
-            if r["status"] not in ("success", "duplicate") and (statuses is None or r["status"] in statuses)
+            if r["status"] != "success" and (statuses is None or r["status"] in statuses)
         ]
 
 
@@ -164,19 +183,19 @@ def make_plan(
     *,
     url_col: str = "url",
     text_col: str = "text",
-    samples_per_shard: int = 10_000,
+    rows_per_part: int = 10_000,
     settings: dict | None = None,
 ) -> Plan:
     """Read the input, then create the plan in out_dir or check it against the one already there."""
-    if samples_per_shard < 1:
-        raise InputError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if rows_per_part < 1:
+        raise InputError(f"rows_per_part must be >= 1, got {rows_per_part}")
     table = read_input(input_path, url_col, text_col)
     out = Path(out_dir)
     plan = Plan(
         out_dir=str(out),
         input=str(Path(input_path).resolve()),
         num_rows=table.num_rows,
-        samples_per_shard=samples_per_shard,
+        rows_per_part=rows_per_part,
         fingerprint=_fingerprint(table),
         settings=json.loads(json.dumps(settings or {})),
     )
@@ -185,7 +204,7 @@ def make_plan(
         old = json.loads(plan_path.read_text())
         differs = [
             k
-            for k in ("num_rows", "samples_per_shard", "fingerprint", "settings")
+            for k in ("num_rows", "rows_per_part", "fingerprint", "settings")
             if old.get(k) != asdict(plan)[k]
         ]
         if differs:
@@ -195,11 +214,13 @@ def make_plan(
                 "output folder for a new download."
             )
         if plan.rows_path.is_file():
+            plan.parts_dir.mkdir(exist_ok=True)
             return plan
     (out / PLAN_DIR).mkdir(parents=True, exist_ok=True)
+    plan.parts_dir.mkdir(exist_ok=True)
     rows = table.add_column(0, "row", pa.array(range(table.num_rows), pa.int64()))
     tmp = plan.rows_path.with_name(f".rows.{os.getpid()}.tmp")
-    pq.write_table(rows, tmp, row_group_size=max(1, min(samples_per_shard, 100_000)))
+    pq.write_table(rows, tmp, row_group_size=max(1, min(rows_per_part, 100_000)))
     os.replace(tmp, plan.rows_path)
     tmp = plan_path.with_name(f".plan.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(asdict(plan), indent=1))

@@ -1,26 +1,30 @@
-"""Running a download: the per-process asyncio pipeline, local worker processes, SLURM arrays (submitit).
+"""Running a download: the per-process asyncio pipeline, local worker processes, SLURM arrays (submitit),
+then the pack into final shards.
 
-Inside a process: one event loop and one aiohttp session fetch up to `concurrency` URLs at once; each
-fetched body is decoded, resized and re-encoded in a thread pool while its request slot is still held (so
-at most `concurrency` images are in memory); `shards_in_flight` shards are open at a time so the network
-stays busy while a shard's last slow URLs finish. A shard is written only when all its rows have an
-outcome, with samples in input-row order, so its bytes do not depend on the order responses arrived in.
+Download phase, inside a process: one event loop and one aiohttp session fetch up to `concurrency` URLs at
+once; each fetched body is decoded, resized and re-encoded in a thread pool while its request slot is
+still held (so at most `concurrency` images are in memory); `parts_in_flight` parts are open at a time so
+the network stays busy while a part's last slow URLs finish. A part is written only when all its rows
+have an outcome, with samples in input-row order, so its bytes do not depend on the order responses
+arrived in.
 
-Across processes: shards are handed out from a shared counter (local) or split round-robin over array
-tasks (SLURM); every shard is independent, so any split gives the same output.
+Across processes: parts are handed out from a shared counter (local) or split round-robin over array
+tasks (SLURM); every part is independent, so any split gives the same output.
+
+Pack phase, in the launching process once every part is complete: pack.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import queue as queue_module
 import sys
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,17 +34,10 @@ import pyarrow.parquet as pq
 
 from data_pipelines.download.fetch import OK, FetchConfig, Fetcher
 from data_pipelines.download.images import ImageConfig, ImageRejected, ProcessedImage, process_image
-from data_pipelines.download.plan import Plan, make_plan
-from data_pipelines.download.shard_writer import (
-    Sample,
-    read_samples,
-    shard_paths,
-    shard_stem,
-    write_manifest,
-    write_shard,
-)
+from data_pipelines.download.pack import delete_parts, pack, read_packed
+from data_pipelines.download.plan import InputError, Plan, make_plan
+from data_pipelines.download.shard_writer import MANIFEST_NAME, Sample, read_samples, write_part
 
-DUPLICATE = "duplicate"
 ProgressFn = Callable[[int, int], None]  # (rows finished, of which successes) since the last call
 
 
@@ -52,19 +49,21 @@ class DownloadConfig:
     output: str
     url_col: str = "url"
     text_col: str = "text"
-    samples_per_shard: int = 10_000
+    samples_per_shard: int = 10_000  # samples in each final shard (the last one: the remainder)
+    rows_per_part: int = 10_000  # input rows in each part of the download phase
     fetch: FetchConfig = field(default_factory=FetchConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     processes: int = 1
     threads: int = 4  # image-processing threads per process
-    shards_in_flight: int = 2
+    parts_in_flight: int = 2
     retry_failed: bool = False
-    retry_statuses: tuple[str, ...] = ()  # empty: every failure except duplicates
+    retry_statuses: tuple[str, ...] = ()  # empty: every failure (duplicates are not failures)
+    delete_parts: bool = False  # remove the parts after a successful pack (no retry or repack after)
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    """One shard to (re)write; `rows` set means retry: only those rows are fetched again."""
+class PartJob:
+    """One part to (re)write; `rows` set means retry: only those rows are fetched again."""
 
     index: int
     rows: tuple[int, ...] | None = None
@@ -72,16 +71,19 @@ class ShardJob:
 
 @dataclass
 class Summary:
-    """What a run did: `rows` and `successes` are this run's work; the rest describes the whole output."""
+    """What a run did: `rows`, `successes` and `parts_written` are this run's download work; the rest
+    describes the whole output (None while parts are incomplete, as there are no final shards yet)."""
 
-    shards_written: int
+    parts_written: int
     rows: int
     successes: int
     seconds: float
     status_counts: dict[str, int]
     total_samples: int | None
+    num_shards: int | None
+    duplicates: int | None
     output: str
-    incomplete_shards: list[int]
+    incomplete_parts: list[int]
 
     @property
     def images_per_second(self) -> float:
@@ -89,18 +91,19 @@ class Summary:
 
     def line(self) -> str:
         done = (
-            f"{self.total_samples} samples in the output"
+            f"{self.total_samples} samples in {self.num_shards} shard(s), "
+            f"{self.duplicates} duplicate(s) dropped"
             if self.total_samples is not None
-            else f"{len(self.incomplete_shards)} shard(s) still incomplete: rerun the same command to resume"
+            else f"{len(self.incomplete_parts)} part(s) still incomplete: rerun the same command to resume"
         )
         return (
-            f"downloaded {self.successes}/{self.rows} rows into {self.shards_written} shard(s) in "
+            f"downloaded {self.successes}/{self.rows} rows into {self.parts_written} part(s) in "
             f"{self.seconds:.1f} s ({self.images_per_second:.0f} images/s); {done}; output: {self.output}"
         )
 
 
 def content_settings(config: DownloadConfig) -> dict:
-    """The settings that change shard bytes; a resume must use the same ones."""
+    """The settings that change part bytes; a resume must use the same ones."""
     return {"url_col": config.url_col, "text_col": config.text_col, "image": asdict(config.image)}
 
 
@@ -157,7 +160,7 @@ def _hash_and_process(data: bytes, config: ImageConfig) -> tuple[str, ProcessedI
     return source_sha, image, hashlib.sha256(image.data).hexdigest()
 
 
-class _ShardWorker:
+class _PartWorker:
     """The asyncio pipeline of one process."""
 
     def __init__(self, config: DownloadConfig, plan: Plan, progress: ProgressFn) -> None:
@@ -166,7 +169,7 @@ class _ShardWorker:
         self.progress = progress
         self.out_dir = Path(plan.out_dir)
 
-    async def run(self, jobs: Iterator[ShardJob]) -> list[dict]:
+    async def run(self, jobs: Iterator[PartJob]) -> list[dict]:
         c = self.config
         self.loop = asyncio.get_running_loop()
         self.pool = ThreadPoolExecutor(max(1, c.threads), thread_name_prefix="image")
@@ -177,9 +180,9 @@ class _ShardWorker:
 
                 async def lane() -> None:
                     for job in jobs:  # the iterator is shared: each lane takes the next job
-                        written.append(await self._shard(job))
+                        written.append(await self._part(job))
 
-                await asyncio.gather(*(lane() for _ in range(max(1, c.shards_in_flight))))
+                await asyncio.gather(*(lane() for _ in range(max(1, c.parts_in_flight))))
         finally:
             self.pool.shutdown(wait=True)
         return written
@@ -248,13 +251,13 @@ class _ShardWorker:
         self.progress(1, int(sample is not None))
         return record, sample
 
-    async def _shard(self, job: ShardJob) -> dict:
+    async def _part(self, job: PartJob) -> dict:
         start = time.monotonic()
-        all_rows = await self.loop.run_in_executor(self.pool, self.plan.shard_rows, job.index)
+        all_rows = await self.loop.run_in_executor(self.pool, self.plan.part_rows, job.index)
         previous: dict[int, dict] = {}
         kept: dict[str, Sample] = {}
         if job.rows is not None:  # retry: keep every finished row, fetch only the failed ones again
-            tar_path, parquet_path, _ = shard_paths(self.out_dir, job.index)
+            tar_path, parquet_path, _ = self.plan.part_paths(job.index)
             previous = {r["row"]: r for r in pq.read_table(parquet_path).to_pylist()}
             kept = await self.loop.run_in_executor(self.pool, read_samples, tar_path)
             wanted = set(job.rows)
@@ -264,72 +267,57 @@ class _ShardWorker:
         outcomes = await asyncio.gather(*(self._tracked(r) for r in todo))
         fresh = {record["row"]: (record, sample) for record, sample in outcomes}
 
-        # Duplicates are decided here, in row order, so the choice does not depend on response timing.
-        seen: dict[str, int] = {
-            r["source_sha256"]: r["row"]
-            for r in previous.values()
-            if r["status"] == OK and r["source_sha256"]
-        }
+        # Rows and samples in row order, so the part's bytes do not depend on response timing. Every
+        # success is kept here, duplicates too: the pack drops them over the whole dataset.
         records, samples = [], []
         for row in all_rows:
-            n = row["row"]
-            if n not in fresh:
-                record = previous[n]
-                records.append(record)
-                if record["status"] == OK:
-                    samples.append(kept[record["key"]])
-                continue
-            record, sample = fresh[n]
-            if sample is not None:
-                first = seen.setdefault(record["source_sha256"], n)
-                if first != n:
-                    record = {**record, "status": DUPLICATE, "error": f"same image bytes as row {first}"}
-                    record.update(sha256=None, width=None, height=None)
-                    sample = None
+            if row["row"] in fresh:
+                record, sample = fresh[row["row"]]
+            else:  # retry: a row not fetched again keeps its record and, if it succeeded, its sample
+                record = previous[row["row"]]
+                sample = kept[record["key"]] if record["status"] == OK else None
             records.append(record)
             if sample is not None:
                 samples.append(sample)
         stats = {"seconds": round(time.monotonic() - start, 3), "retried_rows": len(todo) if previous else 0}
         return await self.loop.run_in_executor(
-            self.pool, write_shard, self.out_dir, job.index, samples, records, stats
+            self.pool, write_part, self.plan.parts_dir, job.index, samples, records, stats
         )
 
 
-def run_jobs(
-    config: DownloadConfig, plan: Plan, jobs: Iterator[ShardJob], progress: ProgressFn
-) -> list[dict]:
-    """Run shard jobs in this process (blocking); returns the stats of the shards written."""
-    return asyncio.run(_ShardWorker(config, plan, progress).run(jobs))
+def run_jobs(config: DownloadConfig, plan: Plan, jobs: Iterator[PartJob], progress: ProgressFn) -> list[dict]:
+    """Run part jobs in this process (blocking); returns the stats of the parts written."""
+    return asyncio.run(_PartWorker(config, plan, progress).run(jobs))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Deciding the work
 
 
-def plan_jobs(config: DownloadConfig, plan: Plan) -> list[ShardJob]:
-    """Unfinished shards; in retry mode also the finished shards' failed rows."""
-    jobs = [ShardJob(i) for i in plan.pending_shards()]
+def plan_jobs(config: DownloadConfig, plan: Plan) -> list[PartJob]:
+    """Unfinished parts; in retry mode also the finished parts' failed rows."""
+    jobs = [PartJob(i) for i in plan.pending_parts()]
     if config.retry_failed:
         statuses = frozenset(config.retry_statuses) if config.retry_statuses else None
-        for i in plan.complete_shards():
+        for i in plan.complete_parts():
             rows = plan.failed_rows(i, statuses)
             if rows:
-                jobs.append(ShardJob(i, tuple(rows)))
+                jobs.append(PartJob(i, tuple(rows)))
         jobs.sort(key=lambda j: j.index)
     return jobs
 
 
-def _job_rows(plan: Plan, job: ShardJob) -> int:
+def _job_rows(plan: Plan, job: PartJob) -> int:
     if job.rows is not None:
         return len(job.rows)
-    return min(plan.samples_per_shard, plan.num_rows - job.index * plan.samples_per_shard)
+    return min(plan.rows_per_part, plan.num_rows - job.index * plan.rows_per_part)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Local processes
 
 
-def _worker_main(config: DownloadConfig, plan: Plan, jobs: Sequence[ShardJob], counter, queue) -> None:
+def _worker_main(config: DownloadConfig, plan: Plan, jobs: Sequence[PartJob], counter, queue) -> None:
     """Entry of a local worker process: takes jobs from the shared counter, reports progress on queue."""
     parent = os.getppid()
     pending = [0, 0]
@@ -346,7 +334,7 @@ def _worker_main(config: DownloadConfig, plan: Plan, jobs: Sequence[ShardJob], c
             pending[0] = pending[1] = 0
             last[0] = now
 
-    def next_jobs() -> Iterator[ShardJob]:
+    def next_jobs() -> Iterator[PartJob]:
         while True:
             with counter.get_lock():
                 i = counter.value
@@ -395,7 +383,7 @@ class _Bar:
             self.bar.close()
 
 
-def _run_local(config: DownloadConfig, plan: Plan, jobs: list[ShardJob], bar: _Bar) -> list[str]:
+def _run_local(config: DownloadConfig, plan: Plan, jobs: list[PartJob], bar: _Bar) -> list[str]:
     """Run jobs in this process (processes == 1) or in spawned worker processes; returns worker errors."""
     if config.processes <= 1 or len(jobs) <= 1:
         run_jobs(config, plan, iter(jobs), bar.update)
@@ -434,7 +422,7 @@ def _run_local(config: DownloadConfig, plan: Plan, jobs: list[ShardJob], bar: _B
 # SLURM job arrays (submitit)
 
 
-def slurm_task(config: DownloadConfig, plan: Plan, jobs: Sequence[ShardJob]) -> int:
+def slurm_task(config: DownloadConfig, plan: Plan, jobs: Sequence[PartJob]) -> int:
     """Body of one array task: run its share of the jobs in local processes; returns rows finished."""
     bar = _Bar(sum(_job_rows(plan, j) for j in jobs), enabled=False)
     errors = _run_local(config, plan, list(jobs), bar)
@@ -444,7 +432,7 @@ def slurm_task(config: DownloadConfig, plan: Plan, jobs: Sequence[ShardJob]) -> 
 
 
 def _run_submitit(
-    config: DownloadConfig, plan: Plan, jobs: list[ShardJob], bar: _Bar, submitit_options: dict
+    config: DownloadConfig, plan: Plan, jobs: list[PartJob], bar: _Bar, submitit_options: dict
 ) -> list[str]:
     import submitit
 
@@ -479,17 +467,52 @@ def _run_submitit(
 # The whole run
 
 
-def duplicates_across_shards(plan: Plan) -> int:
-    """Stored samples whose source bytes also appear in an earlier shard (kept: see README, duplicates)."""
-    seen: set[str] = set()
-    dup = 0
-    for i in range(plan.num_shards):
-        _, parquet_path, _ = shard_paths(Path(plan.out_dir), i)
-        table = pq.read_table(parquet_path, columns=["status", "source_sha256"])
-        hashes = {h for s, h in zip(*table.to_pydict().values()) if s == OK}
-        dup += len(hashes & seen)
-        seen |= hashes
-    return dup
+def _summary(
+    plan: Plan,
+    manifest: dict | None,
+    *,
+    parts_written: int = 0,
+    rows: int = 0,
+    successes: int = 0,
+    seconds: float = 0.0,
+    incomplete_parts: list[int] | None = None,
+) -> Summary:
+    """A Summary of this run's work whose whole-output fields come from `manifest` (None: not packed)."""
+    return Summary(
+        parts_written=parts_written,
+        rows=rows,
+        successes=successes,
+        seconds=seconds,
+        status_counts=dict(manifest["status_counts"]) if manifest else {},
+        total_samples=manifest["num_samples"] if manifest else None,
+        num_shards=manifest["num_shards"] if manifest else None,
+        duplicates=manifest["duplicates"] if manifest else None,
+        output=plan.out_dir,
+        incomplete_parts=incomplete_parts or [],
+    )
+
+
+def _finished_without_parts(config: DownloadConfig, plan: Plan, packed: dict, start: float) -> Summary:
+    """A rerun on an output whose parts were deleted: nothing can be downloaded, retried or repacked."""
+    if config.retry_failed:
+        raise InputError(
+            f"the parts of {plan.out_dir} were deleted after packing (--delete-parts), so its failed rows "
+            "cannot be retried; download into a new output folder (without --delete-parts) to retry"
+        )
+    if config.samples_per_shard != packed["samples_per_shard"]:
+        raise InputError(
+            f"the parts of {plan.out_dir} were deleted after packing (--delete-parts), so it cannot be "
+            f"repacked with {config.samples_per_shard} samples per shard (it has "
+            f"{packed['samples_per_shard']}); download into a new output folder"
+        )
+    delete_parts(plan)  # finishes a deletion that a kill interrupted
+    try:
+        manifest = json.loads((Path(plan.out_dir) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"{plan.out_dir}: its parts were deleted and its manifest is unreadable ({e})"
+        ) from e
+    return _summary(plan, manifest, seconds=time.monotonic() - start)
 
 
 def run_download(
@@ -499,25 +522,30 @@ def run_download(
     submitit_options: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> Summary:
-    """Plan (or check the existing plan), run the remaining work, write the manifest when all is done."""
+    """Plan (or check the existing plan), download the remaining parts, then pack them into final shards
+    and write the manifest when every part is complete."""
     start = time.monotonic()
+    if config.samples_per_shard < 1:
+        raise InputError(f"samples_per_shard must be >= 1, got {config.samples_per_shard}")
     plan = make_plan(
         config.input,
         config.output,
         url_col=config.url_col,
         text_col=config.text_col,
-        samples_per_shard=config.samples_per_shard,
+        rows_per_part=config.rows_per_part,
         settings=content_settings(config),
     )
+    packed = read_packed(plan)
+    if packed is not None and packed.get("parts_deleted"):
+        return _finished_without_parts(config, plan, packed, start)
     jobs = plan_jobs(config, plan)
     total_rows = sum(_job_rows(plan, j) for j in jobs)
-    done_before = plan.num_shards - len(plan.pending_shards())
+    done_before = plan.num_parts - len(plan.pending_parts())
     how = "a SLURM array via submitit" if submitit_options else f"{max(1, config.processes)} process(es)"
     log(
-        f"{plan.num_rows} input rows -> {plan.num_shards} shard(s) of {plan.samples_per_shard} rows "
-        f"in {plan.out_dir}; "
-        f"{done_before} already complete; now {len(jobs)} job(s), {total_rows} rows, on {how} "
-        f"(concurrency {config.fetch.concurrency}, {config.threads} image threads each)"
+        f"{plan.num_rows} input rows -> {plan.num_parts} part(s) of {plan.rows_per_part} rows "
+        f"in {plan.parts_dir}; {done_before} already complete; now {len(jobs)} job(s), {total_rows} rows, "
+        f"on {how} (concurrency {config.fetch.concurrency}, {config.threads} image threads each)"
     )
     bar = _Bar(total_rows, enabled=progress and total_rows > 0)
     try:
@@ -531,45 +559,44 @@ def run_download(
         bar.close()
     for e in errors:
         log(f"error: {e}")
-    incomplete = plan.pending_shards()
-    total = None
-    counts: Counter[str] = Counter()
+    incomplete = plan.pending_parts()
+    written = {j.index for j in jobs} - set(incomplete)
+    successes = bar.ok
+    if submitit_options:  # array tasks report no per-row progress: count from the parts' parquets
+        successes = sum(
+            pq.read_table(plan.part_paths(i)[1], columns=["status"]).column("status").to_pylist().count(OK)
+            for i in written
+        )
+    manifest = None
     if not incomplete:
-        manifest = write_manifest(
-            Path(plan.out_dir),
-            plan.num_shards,
-            extra={"duplicates_across_shards": duplicates_across_shards(plan), "input": plan.input},
-        )
-        total = manifest["num_samples"]
-        counts.update(manifest["status_counts"])
-    summary = Summary(
-        shards_written=len({j.index for j in jobs}) - len(set(incomplete) & {j.index for j in jobs}),
+        result = pack(plan, config.samples_per_shard, manifest_extra={"input": plan.input}, progress=progress)
+        manifest = result.manifest
+        if result.shards_written:
+            log(
+                f"packed {plan.num_parts} part(s) into {manifest['num_shards']} shard(s) of "
+                f"{config.samples_per_shard} samples ({result.shards_written} written, "
+                f"{manifest['duplicates']} duplicate(s) dropped) in {result.seconds:.1f} s"
+            )
+        if config.delete_parts:
+            delete_parts(plan)
+            log(f"deleted the parts in {plan.parts_dir}: this output can no longer be retried or repacked")
+    return _summary(
+        plan,
+        manifest,
+        parts_written=len(written),
         rows=bar.done if not submitit_options else total_rows,
-        successes=bar.ok,
+        successes=successes,
         seconds=time.monotonic() - start,
-        status_counts=dict(counts),
-        total_samples=total,
-        output=plan.out_dir,
-        incomplete_shards=incomplete,
+        incomplete_parts=incomplete,
     )
-    if submitit_options:  # array tasks report no per-row progress: count from the shards' parquets
-        summary.successes = sum(
-            pq.read_table(shard_paths(Path(plan.out_dir), i)[1], columns=["status"])
-            .column("status")
-            .to_pylist()
-            .count(OK)
-            for i in {j.index for j in jobs} - set(incomplete)
-        )
-    return summary
 
 
 __all__ = [
     "DownloadConfig",
-    "ShardJob",
+    "PartJob",
     "Summary",
     "content_settings",
     "plan_jobs",
     "run_download",
     "run_jobs",
-    "shard_stem",
 ]

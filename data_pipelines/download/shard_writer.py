@@ -1,6 +1,8 @@
-"""Writing one shard atomically: the tar, its per-row status parquet, its stats JSON; and the manifest.
+"""Writing files atomically: a tar, its per-row status parquet and its stats JSON; and the manifest.
 
-Layout of an output folder (the contract with clip_train.data):
+The same three files describe both a part (`_parts/part-000000.*`, a fixed range of input rows, written by
+the download phase) and a final shard (`shard-000000.*`, a fixed number of samples, written by the pack
+phase in pack.py). Layout of an output folder (the contract with clip_train.data):
 
     shard-000000.tar           KEY.jpg (or .webp), KEY.txt, KEY.json per sample, in input-row order
     shard-000000.parquet       one row per input row of the shard: status, error reason, sizes, hashes
@@ -28,6 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST_NAME = "manifest.json"
+SHARD_PREFIX = "shard"
+PART_PREFIX = "part"
 TAR_MTIME = 0  # fixed, so that tar bytes depend only on the samples
 
 ROW_SCHEMA = pa.schema(
@@ -61,15 +65,23 @@ class Sample:
     meta: dict
 
 
+def file_stem(prefix: str, index: int) -> str:
+    """`shard-000012` or `part-000012`: zero-padded so `shard-{000000..000123}.tar` lists them in order."""
+    return f"{prefix}-{index:06d}"
+
+
 def shard_stem(index: int) -> str:
-    """`shard-000012`: zero-padded so `shard-{000000..000123}.tar` lists the shards in order."""
-    return f"shard-{index:06d}"
+    return file_stem(SHARD_PREFIX, index)
+
+
+def file_paths(folder: Path, stem: str) -> tuple[Path, Path, Path]:
+    """(tar, parquet, stats) paths of the file set `stem` in `folder`."""
+    return folder / f"{stem}.tar", folder / f"{stem}.parquet", folder / f"{stem}.stats.json"
 
 
 def shard_paths(out_dir: Path, index: int) -> tuple[Path, Path, Path]:
-    """(tar, parquet, stats) paths of shard `index`."""
-    stem = shard_stem(index)
-    return out_dir / f"{stem}.tar", out_dir / f"{stem}.parquet", out_dir / f"{stem}.stats.json"
+    """(tar, parquet, stats) paths of final shard `index`."""
+    return file_paths(out_dir, shard_stem(index))
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -83,6 +95,12 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    encoded = json.dumps(obj, indent=1).encode()
+    _atomic_write(path, lambda f: f.write(encoded))
 
 
 def tar_bytes(samples: Iterable[Sample]) -> bytes:
@@ -101,39 +119,67 @@ def tar_bytes(samples: Iterable[Sample]) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(out_dir: Path, index: int, samples: Sequence[Sample], rows: list[dict], stats: dict) -> dict:
-    """Write shard `index` (tar, then row parquet, then stats: the stats file is the commit marker).
+def tar_end(size: int) -> bytes:
+    """The zero blocks that close a tar whose members take `size` bytes, exactly as tarfile writes them
+    (two empty blocks, then padding to a whole 10 kB record): a tar assembled from copied members is then
+    byte for byte the tar that `tar_bytes` would give for the same samples."""
+    end = size + 2 * tarfile.BLOCKSIZE
+    return bytes(end + (-end) % tarfile.RECORDSIZE - size)
 
-    rows: one dict per input row with the ROW_SCHEMA fields. Returns the stats as written (with
-    num_samples and the tar's size added).
+
+def status_counts(rows: pa.Table) -> dict[str, int]:
+    counts = Counter(rows.column("status").to_pylist())
+    return dict(sorted(counts.items()))
+
+
+def write_files(
+    folder: Path,
+    stem: str,
+    write_tar: Callable[[BinaryIO], object],
+    rows: pa.Table,
+    num_samples: int,
+    stats: dict,
+) -> dict:
+    """Write the file set `stem`: tar, then row parquet, then stats (the stats file is the commit marker).
+
+    write_tar writes the tar into the open temporary file. rows: one row per input row (ROW_SCHEMA).
+    Returns the stats as written (the counts and the tar's size added to `stats`).
     """
-    tar_path, parquet_path, stats_path = shard_paths(out_dir, index)
-    # Temporary files of an earlier, killed writer of this shard (one writer per shard at a time).
-    for stale in out_dir.glob(f".{shard_stem(index)}.*.tmp"):
+    tar_path, parquet_path, stats_path = file_paths(folder, stem)
+    # A rewrite (retry, repack) first withdraws the old commit marker: killed part-way, the set is then
+    # incomplete and redone, never old stats beside a new tar.
+    stats_path.unlink(missing_ok=True)
+    # Temporary files of an earlier, killed writer of this set (one writer per set at a time).
+    for stale in folder.glob(f".{stem}.*.tmp"):
         stale.unlink(missing_ok=True)
-    data = tar_bytes(samples)
-    _atomic_write(tar_path, lambda f: f.write(data))
-    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-    _atomic_write(parquet_path, lambda f: pq.write_table(table, f))
-    counts = Counter(r["status"] for r in rows)
+    _atomic_write(tar_path, write_tar)
+    _atomic_write(parquet_path, lambda f: pq.write_table(rows, f))
     stats = {
         "name": tar_path.name,
-        "num_samples": len(samples),
-        "successes": len(samples),
-        "failed": len(rows) - len(samples),
-        "rows": len(rows),
-        "status_counts": dict(sorted(counts.items())),
-        "tar_bytes": len(data),
+        "num_samples": num_samples,
+        "successes": num_samples,
+        "failed": rows.num_rows - num_samples,
+        "rows": rows.num_rows,
+        "status_counts": status_counts(rows),
+        "tar_bytes": tar_path.stat().st_size,
         **stats,
     }
-    encoded = json.dumps(stats, indent=1).encode()
-    _atomic_write(stats_path, lambda f: f.write(encoded))
+    write_json(stats_path, stats)
     return stats
 
 
-def read_stats(out_dir: Path, index: int) -> dict | None:
-    """The stats of a complete shard, or None when the shard is missing, partial or inconsistent."""
-    tar_path, parquet_path, stats_path = shard_paths(out_dir, index)
+def write_part(parts_dir: Path, index: int, samples: Sequence[Sample], rows: list[dict], stats: dict) -> dict:
+    """Write part `index` of the download phase; rows: one dict per input row with the ROW_SCHEMA fields."""
+    data = tar_bytes(samples)
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    return write_files(
+        parts_dir, file_stem(PART_PREFIX, index), lambda f: f.write(data), table, len(samples), stats
+    )
+
+
+def read_stats(folder: Path, stem: str) -> dict | None:
+    """The stats of a complete file set, or None when it is missing, partial or inconsistent."""
+    tar_path, parquet_path, stats_path = file_paths(folder, stem)
     try:
         stats = json.loads(stats_path.read_text())
         if tar_path.stat().st_size != stats["tar_bytes"] or not parquet_path.is_file():
@@ -143,8 +189,14 @@ def read_stats(out_dir: Path, index: int) -> dict | None:
     return stats
 
 
+def remove_files(folder: Path, stem: str) -> None:
+    """Remove the file set `stem`, the stats file (the commit marker) first."""
+    for path in reversed(file_paths(folder, stem)):
+        path.unlink(missing_ok=True)
+
+
 def read_samples(tar_path: Path) -> dict[str, Sample]:
-    """The samples of a finished shard by key (used by retry to keep the ones already downloaded)."""
+    """The samples of a finished tar by key (retry keeps the ones already downloaded)."""
     members: dict[str, dict[str, bytes]] = {}
     with tarfile.open(tar_path) as tar:
         for info in tar:
@@ -163,7 +215,7 @@ def write_manifest(out_dir: Path, num_shards: int, extra: dict | None = None) ->
     """Write manifest.json from the stats of shards 0..num_shards-1 (all must be complete)."""
     shards, counts = [], Counter()
     for i in range(num_shards):
-        stats = read_stats(out_dir, i)
+        stats = read_stats(out_dir, shard_stem(i))
         if stats is None:
             raise RuntimeError(f"shard {shard_stem(i)} is not complete; cannot write the manifest")
         shards.append({"name": stats["name"], "num_samples": stats["num_samples"]})
@@ -174,8 +226,8 @@ def write_manifest(out_dir: Path, num_shards: int, extra: dict | None = None) ->
         "num_shards": num_shards,
         "pattern": f"shard-{{{0:06d}..{max(num_shards - 1, 0):06d}}}.tar",
         "status_counts": dict(sorted(counts.items())),
+        "duplicates": counts.get("duplicate", 0),  # dropped exact duplicates (also in status_counts)
         **(extra or {}),
     }
-    encoded = json.dumps(manifest, indent=1).encode()
-    _atomic_write(out_dir / MANIFEST_NAME, lambda f: f.write(encoded))
+    write_json(out_dir / MANIFEST_NAME, manifest)
     return manifest

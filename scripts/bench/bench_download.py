@@ -14,8 +14,10 @@ Set-up, shared by both tools:
   a JPEG comment segment holding k inserted, so every URL has distinct bytes (no tool can deduplicate)
   while decoding costs stay those of real photos;
 * one aiohttp server process on 127.0.0.1, serving from memory;
-* output: 256 px centre crop, JPEG quality 95, webdataset tars of --samples-per-shard samples; the same
-  processes and threads (img2dataset --thread_count; ours --concurrency and --threads);
+* output: 256 px centre crop, JPEG quality 95, webdataset tars; img2dataset's shards and our download
+  parts both cover --samples-per-shard input rows, and our pack phase then writes final shards of
+  --samples-per-shard samples (its time counts in ours); the same processes and threads (img2dataset
+  --thread_count; ours --concurrency and --threads);
 * img2dataset runs from its own virtual environment (--img2dataset-venv, created with `pip install
   img2dataset==1.47.0` when missing or holding another version; it brings no torch).
 
@@ -149,7 +151,7 @@ def run_ours(table: Path, out: Path, args: argparse.Namespace) -> tuple[float, f
         sys.executable, "-m", "data_pipelines.download", str(table), str(out),
         "--allow-private-addresses", "--image-size", str(args.image_size), "--resize-mode", "center_crop",
         "--quality", "95", "--samples-per-shard", str(args.samples_per_shard),
-        "--processes", str(args.processes),
+        "--rows-per-part", str(args.samples_per_shard), "--processes", str(args.processes),
         "--concurrency", str(args.threads), "--threads", str(args.image_threads or args.threads),
         "--retries", "0", "--no-progress",
     ]  # fmt: skip
@@ -209,7 +211,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=32, help="img2dataset --thread_count; ours --concurrency")
     p.add_argument("--image-threads", type=int, default=0, help="ours --threads (0: same as --threads)")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="both tools")
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=1000,
+        help="img2dataset: input rows per shard; ours: input rows per part and samples per final shard",
+    )
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/clip_train_bench_download"))
     p.add_argument("--img2dataset-venv", type=Path, default=Path("/tmp/venv-img2dataset"))
     p.add_argument("--skip-img2dataset", action="store_true", help="benchmark only ours")

@@ -178,8 +178,9 @@ def crawl(cfg: DemoConfig) -> dict[str, Any]:
     run_cli(
         ["-m", "data_pipelines.download", str(cfg.out / "candidates"), str(cfg.out / "shards"),
          "--allow-private-addresses", "--image-size", "64", "--samples-per-shard", "1000",
-         "--processes", workers, "--threads", "2", "--concurrency", "32", "--retries", "1",
-         "--backoff", "0.05", "--connect-timeout", "2", "--read-timeout", "5", "--total-timeout", "10"]
+         "--rows-per-part", "1000", "--processes", workers, "--threads", "2", "--concurrency", "32",
+         "--retries", "1", "--backoff", "0.05", "--connect-timeout", "2", "--read-timeout", "5",
+         "--total-timeout", "10"]
     )  # fmt: skip
     stats = json.loads((cfg.out / "candidates" / "stats.json").read_text())
     manifest = json.loads((cfg.out / "shards" / "manifest.json").read_text())
