@@ -5,7 +5,8 @@ On an H200 (torch 2.11, DeepSpeed 0.19.8) every DeepSpeed stage failed in its fi
 doesn't support scalar parameters"). The training module now gives 0-dim parameters the shape (1,) under
 those strategies. Lightning runs neither strategy on a CPU, but torch's FSDP does (gloo): these tests wrap
 the model in real FSDP on two CPU processes, train a step, save the full state dict as a Lightning
-checkpoint and load it back with clip_train.checkpoints.
+checkpoint and load it back with clip_train.checkpoints, and run the towers outside the wrapped forward
+inside `full_parameters`, as the evaluation callback does.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from clip_train.checkpoints import CheckpointError, clip_config_to_dict, load_mo
 from clip_train.losses import ContrastiveLoss
 from clip_train.models import build_model
 from clip_train.train import is_sharded, resume_checkpoint
-from clip_train.training.lightning_module import CLIPTrainingModule, promote_scalar_parameters
+from clip_train.training.lightning_module import CLIPTrainingModule
 from clip_train.training.optim import decayed_parameter_names, parameter_groups
+from clip_train.training.sharding import full_parameters, promote_scalar_parameters
 
 WORLD = 2
 EOT = 49407
@@ -143,6 +145,12 @@ def _fsdp_rank(rank: int, port: int, out_dir: str) -> None:
         loss.backward()
         optimizer.step()
         model.clamp_logit_scale_()  # on the local shard of the flat parameter: must not raise
+        # The evaluation callback calls the towers outside the wrapped forward: it gathers them first.
+        strategy = FSDPStrategy()
+        strategy.model = wrapped
+        with torch.no_grad(), full_parameters(strategy, model):
+            result["images"] = images
+            result["embeds_in_full_parameters"] = model.encode_image(images)
         with FSDP.state_dict_type(
             wrapped,
             StateDictType.FULL_STATE_DICT,
@@ -186,6 +194,11 @@ def test_fsdp_trains_the_promoted_model_and_its_checkpoint_loads(tmp_path):
     model = load_model(tmp_path / "fsdp.ckpt")
     assert model.logit_scale.shape == ()
     assert model.logit_scale.item() == pytest.approx(saved.item())
+    with torch.no_grad():
+        for r in results:  # each rank's towers, gathered, are the trained model's
+            torch.testing.assert_close(
+                r["embeds_in_full_parameters"], model.encode_image(r["images"]), rtol=1e-4, atol=1e-5
+            )
 
 
 # --------------------------------------------------------------------------------- DeepSpeed checkpoints

@@ -46,6 +46,7 @@ from clip_train.evaluation.embedding import tokenizer_for
 from clip_train.evaluation.retrieval import evaluate_retrieval
 from clip_train.evaluation.templates import check_templates, load_classnames, load_templates
 from clip_train.evaluation.zero_shot import evaluate_zero_shot
+from clip_train.training.sharding import full_parameters
 
 
 @dataclass
@@ -190,7 +191,7 @@ class EvaluationCallback(pl.Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), _precision_context(trainer):
+            with torch.no_grad(), _precision_context(trainer), full_parameters(trainer.strategy, model):
                 for zs in self.zero_shot_sets:
                     result = evaluate_zero_shot(model, zs.dataset, zs.templates, **common)
                     key = f"{self.prefix}/{zs.name}"

@@ -85,7 +85,7 @@ class CLIP(nn.Module):
 
         The parameters themselves are 0-dim, as in OpenAI's release, except under DeepSpeed and FSDP, which
         refuse 0-dim parameters: there the training module gives them shape (1,) (see
-        `clip_train.training.lightning_module.promote_scalar_parameters`); the reshape keeps the loss's
+        `clip_train.training.sharding.promote_scalar_parameters`); the reshape keeps the loss's
         view of them the same either way."""
         scale = self.logit_scale.clamp(max=self.config.max_logit_scale).exp().reshape(())
         bias = None if self.logit_bias is None else self.logit_bias.reshape(())

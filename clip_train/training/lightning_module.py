@@ -15,11 +15,11 @@ from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor, nn
 
 from clip_train.training.gradient_cache import gradient_cached_step
 from clip_train.training.optim import decayed_parameter_names, parameter_groups
+from clip_train.training.sharding import SHARDED_STRATEGIES, promote_scalar_parameters
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -27,22 +27,6 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive steps whose loss was NaN or infinite."""
-
-
-def promote_scalar_parameters(module: nn.Module) -> list[str]:
-    """Give every 0-dim parameter (the temperature, SigLIP's bias) the shape (1,), in place; returns their
-    names. DeepSpeed broadcasts each parameter through a byte view, which a 0-dim bf16 tensor cannot take,
-    and FSDP refuses 0-dim parameters outright (both seen on an H200 with torch 2.11). Checkpoints written
-    this way load back into the 0-dim model (`clip_train.checkpoints` reshapes one-element tensors)."""
-    names = []
-    for name, param in module.named_parameters():
-        if param.dim() == 0:
-            param.data = param.data.reshape(1)
-            names.append(name)
-    return names
-
-
-SHARDED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy)
 
 
 class CLIPTrainingModule(pl.LightningModule):

@@ -1,0 +1,50 @@
+"""What training under the sharded strategies (DeepSpeed ZeRO, FSDP) needs beyond DDP.
+
+Two things differ from DDP: the strategies refuse 0-dim parameters, and outside the wrapped module's own
+forward pass a parameter may hold only this rank's shard (FSDP, ZeRO-3). Code that reads the model
+outside that forward (the evaluation callback) gathers the full parameters first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
+from torch import nn
+
+SHARDED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy)
+
+
+def promote_scalar_parameters(module: nn.Module) -> list[str]:
+    """Give every 0-dim parameter (the temperature, SigLIP's bias) the shape (1,), in place; returns their
+    names. DeepSpeed broadcasts each parameter through a byte view, which a 0-dim bf16 tensor cannot take,
+    and FSDP refuses 0-dim parameters outright (both seen on an H200 with torch 2.11). Checkpoints written
+    this way load back into the 0-dim model (`clip_train.checkpoints` reshapes one-element tensors)."""
+    names = []
+    for name, param in module.named_parameters():
+        if param.dim() == 0:
+            param.data = param.data.reshape(1)
+            names.append(name)
+    return names
+
+
+@contextlib.contextmanager
+def full_parameters(strategy: Strategy, module: nn.Module) -> Iterator[None]:
+    """Every parameter of `module` whole on this rank for the duration (read-only use: changes are not
+    written back). A no-op unless the strategy shards parameters (FSDP, DeepSpeed ZeRO stage 3)."""
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(strategy.model, writeback=False, recurse=True):
+            yield
+    elif (
+        isinstance(strategy, DeepSpeedStrategy)
+        and strategy.config.get("zero_optimization", {}).get("stage") == 3
+    ):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
