@@ -3,14 +3,16 @@
 On an H200 (torch 2.11, DeepSpeed 0.19.8) every DeepSpeed stage failed in its first broadcast of the model
 ("self.dim() cannot be 0 to view BFloat16 as Byte": the 0-dim temperature) and FSDP refused the model ("FSDP
 doesn't support scalar parameters"). The training module now gives 0-dim parameters the shape (1,) under
-those strategies. Lightning runs neither strategy on a CPU, but torch's FSDP does (gloo): these tests wrap
-the model in real FSDP on two CPU processes, train a step, save the full state dict as a Lightning
-checkpoint and load it back with clip_train.checkpoints, and run the towers outside the wrapped forward
-inside `full_parameters`, as the evaluation callback does.
+those strategies. Lightning runs neither strategy on a CPU, but torch's FSDP and DeepSpeed's engine do
+(gloo, DeepSpeed's CPU accelerator), and both failures reproduce there: these tests wrap the model in real
+FSDP and in DeepSpeed ZeRO 1-3 on two CPU processes and train a step; for FSDP they also save the full state
+dict as a Lightning checkpoint and load it back with clip_train.checkpoints; for both they run the towers
+outside the wrapped forward inside `full_parameters`, as the evaluation callback does.
 """
 
 from __future__ import annotations
 
+import math
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -217,3 +219,75 @@ def test_loading_a_deepspeed_checkpoint_directory_says_how_to_convert_it(tmp_pat
     (ckpt / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"DeepSpeed checkpoint.*convert_zero_checkpoint_to_fp32"):
         load_model(ckpt)
+
+
+# ------------------------------------------------------------- real DeepSpeed ZeRO 1-3 on two CPU processes
+# DeepSpeed runs on a CPU through its CPU accelerator and gloo; Lightning's DeepSpeedStrategy does not (it
+# requires CUDA), so these drive the DeepSpeed engine directly, with the model, the promotion and the loss
+# the training module uses, in bf16 as trainer=deepspeed_zero* runs them.
+
+
+def _deepspeed_rank(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
+    import deepspeed
+    from pytorch_lightning.strategies import DeepSpeedStrategy
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.set_num_threads(1)
+    result: dict = {}
+    try:
+        for stage in (1, 2, 3):
+            for promote in (False, True):
+                torch.manual_seed(0)
+                model = build_model("vit-tiny")
+                if promote:
+                    promote_scalar_parameters(model)
+                config = {
+                    "train_micro_batch_size_per_gpu": 4,
+                    "zero_optimization": {"stage": stage},
+                    "bf16": {"enabled": True},
+                }
+                try:
+                    engine, *_ = deepspeed.initialize(
+                        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=config
+                    )
+                except RuntimeError as e:
+                    result[(stage, promote)] = f"initialize failed: {e}"
+                    continue
+                images, tokens = _batch(model, n=4, seed=rank)
+                images = images.bfloat16()
+                out = engine(images, tokens)
+                loss = ContrastiveLoss()(
+                    out.image_embeds.float(), out.text_embeds.float(), out.logit_scale.float()
+                ).loss
+                engine.backward(loss)
+                engine.step()
+                model.clamp_logit_scale_()  # under ZeRO-3 the parameter is an empty placeholder here
+                entry = {"loss": loss.item(), "scale_shape": tuple(out.logit_scale.shape)}
+                # The evaluation callback's path: the towers outside the engine's forward.
+                with torch.no_grad(), full_parameters(DeepSpeedStrategy(stage=stage), model):
+                    outside = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
+                    inside = engine(images, tokens).image_embeds.float()
+                entry["outside_vs_inside"] = (outside - inside).abs().max().item()
+                result[(stage, promote)] = entry
+    finally:
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_zero_stages_train_the_promoted_model(tmp_path):
+    mp.spawn(_deepspeed_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for r in results:
+        for stage in (1, 2, 3):
+            # The failure seen on the H200 under every stage, reproduced on CPU.
+            assert "cannot be 0 to view BFloat16" in r[(stage, False)], r[(stage, False)]
+            entry = r[(stage, True)]
+            assert isinstance(entry, dict), entry
+            assert entry["scale_shape"] == ()
+            assert math.isfinite(entry["loss"])
+            assert entry["outside_vs_inside"] < 2e-2  # bf16 towers, same weights
