@@ -274,14 +274,26 @@ def _deepspeed_rank(rank: int, port: int, out_dir: str) -> None:
                     inside = engine(images, tokens).image_embeds.float()
                 entry["outside_vs_inside"] = (outside - inside).abs().max().item()
                 result[(stage, promote)] = entry
+                if promote and stage > 1:  # a checkpoint as Lightning's DeepSpeedStrategy writes it
+                    engine.save_checkpoint(
+                        str(Path(out_dir) / f"zero{stage}.ckpt"),
+                        tag="checkpoint",
+                        client_state={"clip_config": clip_config_to_dict(model.config)},
+                    )
     finally:
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
+@pytest.fixture(scope="module")
+def deepspeed_run(tmp_path_factory) -> tuple[list[dict], Path]:
+    out_dir = tmp_path_factory.mktemp("deepspeed")
+    mp.spawn(_deepspeed_rank, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)], out_dir
+
+
 @pytest.mark.timeout(300)
-def test_deepspeed_zero_stages_train_the_promoted_model(tmp_path):
-    mp.spawn(_deepspeed_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+def test_deepspeed_zero_stages_train_the_promoted_model(deepspeed_run):
+    results, _ = deepspeed_run
     for r in results:
         for stage in (1, 2, 3):
             # The failure seen on the H200 under every stage, reproduced on CPU.
@@ -291,3 +303,21 @@ def test_deepspeed_zero_stages_train_the_promoted_model(tmp_path):
             assert entry["scale_shape"] == ()
             assert math.isfinite(entry["loss"])
             assert entry["outside_vs_inside"] < 2e-2  # bf16 towers, same weights
+
+
+@pytest.mark.timeout(300)
+def test_a_deepspeed_checkpoint_loads_for_evaluation_after_the_conversion_it_names(deepspeed_run, tmp_path):
+    from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    _, out_dir = deepspeed_run
+
+    for stage in (2, 3):
+        directory = out_dir / f"zero{stage}.ckpt"
+        with pytest.raises(CheckpointError, match="convert_zero_checkpoint_to_fp32_state_dict") as error:
+            load_model(directory)
+        assert str(directory) in str(error.value)
+        gathered = tmp_path / f"zero{stage}-model.ckpt"
+        convert_zero_checkpoint_to_fp32_state_dict(str(directory), str(gathered))  # as the message says
+        model = load_model(gathered)
+        assert model.logit_scale.shape == ()
+        assert 2.0 < model.logit_scale.item() < 5.0
