@@ -32,7 +32,7 @@ from clip_train.models import build_model
 from clip_train.train import is_sharded, resume_checkpoint
 from clip_train.training.lightning_module import CLIPTrainingModule
 from clip_train.training.optim import decayed_parameter_names, parameter_groups
-from clip_train.training.sharding import full_parameters, promote_scalar_parameters
+from clip_train.training.sharding import clamp_master_copy_, full_parameters, promote_scalar_parameters
 
 WORLD = 2
 EOT = 49407
@@ -268,6 +268,13 @@ def _deepspeed_rank(rank: int, port: int, out_dir: str) -> None:
                 engine.step()
                 model.clamp_logit_scale_()  # under ZeRO-3 the parameter is an empty placeholder here
                 entry = {"loss": loss.item(), "scale_shape": tuple(out.logit_scale.shape)}
+                if stage < 3:  # the optimiser's fp32 master copy is clamped too
+                    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+                    safe_set_full_fp32_param(model.logit_scale, torch.full((1,), 9.0))
+                    ds = DeepSpeedStrategy(stage=stage)
+                    clamp_master_copy_(ds, model.logit_scale, model.config.max_logit_scale)
+                    entry["master_after_clamp"] = safe_get_full_fp32_param(model.logit_scale).item()
                 # The evaluation callback's path: the towers outside the engine's forward.
                 with torch.no_grad(), full_parameters(DeepSpeedStrategy(stage=stage), model):
                     outside = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
@@ -303,6 +310,8 @@ def test_deepspeed_zero_stages_train_the_promoted_model(deepspeed_run):
             assert entry["scale_shape"] == ()
             assert math.isfinite(entry["loss"])
             assert entry["outside_vs_inside"] < 2e-2  # bf16 towers, same weights
+            if stage < 3:
+                assert entry["master_after_clamp"] == pytest.approx(math.log(100.0), rel=1e-6)
 
 
 @pytest.mark.timeout(300)

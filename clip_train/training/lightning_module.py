@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from clip_train.training.gradient_cache import gradient_cached_step
 from clip_train.training.optim import decayed_parameter_names, parameter_groups
-from clip_train.training.sharding import SHARDED_STRATEGIES, promote_scalar_parameters
+from clip_train.training.sharding import SHARDED_STRATEGIES, clamp_master_copy_, promote_scalar_parameters
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -190,7 +190,9 @@ class CLIPTrainingModule(pl.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        getattr(self.model, "_orig_mod", self.model).clamp_logit_scale_()
+        inner = getattr(self.model, "_orig_mod", self.model)
+        inner.clamp_logit_scale_()
+        clamp_master_copy_(self.trainer.strategy, inner.logit_scale, inner.config.max_logit_scale)
         return True
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 from torch import nn
 
@@ -38,13 +39,35 @@ def full_parameters(strategy: Strategy, module: nn.Module) -> Iterator[None]:
 
         with FSDP.summon_full_params(strategy.model, writeback=False, recurse=True):
             yield
-    elif (
-        isinstance(strategy, DeepSpeedStrategy)
-        and strategy.config.get("zero_optimization", {}).get("stage") == 3
-    ):
+    elif deepspeed_stage(strategy) == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             yield
     else:
         yield
+
+
+def deepspeed_stage(strategy: Strategy) -> int | None:
+    """The ZeRO stage of a DeepSpeed strategy (0 without ZeRO), None for any other strategy."""
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return None
+    return int(strategy.config.get("zero_optimization", {}).get("stage", 0))
+
+
+@torch.no_grad()
+def clamp_master_copy_(strategy: Strategy, param: nn.Parameter, max_value: float) -> None:
+    """Clamp DeepSpeed's fp32 master copy of `param` at `max_value` (ZeRO stages 1 and 2).
+
+    Under DeepSpeed the optimiser steps fp32 master copies and then overwrites the model's (bf16)
+    parameters from them, so clamping the model's parameter alone is undone at the next step; the master
+    copy is clamped here. Under ZeRO-3, DeepSpeed 0.19.8's safe_set_full_fp32_param fails on a
+    one-element parameter split over ranks, so nothing is done: there, as under every strategy, the
+    model's forward pass clamps the temperature it uses (CLIP.logit_scale_and_bias)."""
+    if deepspeed_stage(strategy) not in (1, 2):
+        return
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    master = safe_get_full_fp32_param(param)
+    if master is not None and bool((master > max_value).any()):
+        safe_set_full_fp32_param(param, master.clamp(max=max_value))
