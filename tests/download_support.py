@@ -95,6 +95,7 @@ class FaultHandler(BaseHTTPRequestHandler):
                                   counts these requests in flight (server.peak_in_flight)
     /chunked/SEED.jpg?w=&h=       the JPEG of /img/SEED.jpg sent chunked (no Content-Length)
     /status/CODE                  an empty response with that status
+    /switch/SEED.jpg              an empty response with status server.switch_status (404 until changed)
     /flaky/SEED.jpg               503 until server.flaky_ok is set, then the JPEG
     /slow-headers.jpg             waits server.slow_seconds before any byte (read timeout)
     /drip.jpg                     headers, then one byte every 0.1 s (total timeout)
@@ -166,6 +167,8 @@ class FaultHandler(BaseHTTPRequestHandler):
             self._send(200, png_rgba(seed), "image/png")
         elif seg[0] == "status":
             self._send(int(seg[1]), b"", "text/plain")
+        elif seg[0] == "switch":
+            self._send(self.server.switch_status, b"", "text/plain")
         elif seg[0] == "flaky":
             if self.server.flaky_ok:
                 self._send(200, jpeg_image(seed))
@@ -236,6 +239,7 @@ class FaultServerHTTP(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), FaultHandler)
         self.hits: Counter[str] = Counter()
         self.flaky_ok = False
+        self.switch_status = 404
         self.slow_seconds = 3.0
         self.delay_seconds = 0.05
         self.robots_mode = ""

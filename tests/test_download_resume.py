@@ -19,6 +19,7 @@ import pytest
 from download_support import TEST_USER_AGENT, FaultServer
 
 from data_pipelines.download.__main__ import main as cli_main
+from data_pipelines.download.shard_writer import read_samples, write_part
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,12 +55,14 @@ def write_urls(path: Path, urls: list[str]) -> Path:
 
 def shard_contents(out: Path) -> dict[str, object]:
     """Everything that must match between runs: the final shards' file names, tar bytes, per-row statuses
-    (attempts aside) and the manifest."""
+    (attempts aside), stats (no timings in them) and the manifest."""
     contents: dict[str, object] = {"names": sorted(p.name for p in out.glob("shard-*"))}
     for tar in sorted(out.glob("shard-*.tar")):
         contents[tar.name] = tar.read_bytes()
         rows = pq.read_table(tar.with_suffix(".parquet")).drop(["attempts"]).to_pylist()
         contents[tar.with_suffix(".parquet").name] = rows
+        stats = tar.with_name(tar.name.replace(".tar", ".stats.json"))
+        contents[stats.name] = json.loads(stats.read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     keys = ("shards", "num_samples", "status_counts", "duplicates", "samples_per_shard")
     contents["manifest"] = {k: manifest[k] for k in keys}
@@ -264,6 +267,53 @@ def test_retry_failed_refetches_only_failed_rows(tmp_path: Path) -> None:
         assert cli_main(common_args(table, out, "--retry-statuses", "timeout")) == 0
         assert dict(server.hits) == hits
         assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+
+
+def _last_row(out: Path) -> dict:
+    return pq.read_table(out / "shard-000000.parquet").to_pylist()[-1]
+
+
+def test_a_retry_that_changes_only_the_reason_repacks(tmp_path: Path) -> None:
+    """Row 5 fails before and after the retry with the same status, only the HTTP code differs: no count
+    or size of the part changes, yet the final parquet must show the new reason."""
+    with FaultServer() as server:
+        urls = [server.url(f"/img/{i}.jpg") for i in range(5)] + [server.url("/switch/0.jpg")]
+        table = write_urls(tmp_path / "in.parquet", urls)
+        out = tmp_path / "out"
+        assert cli_main(common_args(table, out)) == 0
+        row = _last_row(out)
+        assert (row["status"], row["http_status"], row["error"]) == ("http_error", 404, "HTTP 404")
+        server.httpd.switch_status = 410
+        assert cli_main(common_args(table, out, "--retry-failed")) == 0
+        row = _last_row(out)
+        assert (row["status"], row["http_status"], row["error"]) == ("http_error", 410, "HTTP 410")
+        fresh = tmp_path / "fresh"
+        assert cli_main(common_args(table, fresh)) == 0
+        assert shard_contents(out) == shard_contents(fresh)
+
+
+def test_a_part_rewritten_with_the_same_stats_is_repacked(tmp_path: Path) -> None:
+    """The retry above, with its part's timing equal to the first run's (which real runs hit when the
+    milliseconds coincide): the part's stats carry the same counts, sizes and seconds, and only its rows
+    differ. The pack must still see the new part."""
+    with FaultServer() as server:
+        urls = [server.url(f"/img/{i}.jpg") for i in range(5)] + [server.url("/status/404")]
+        table = write_urls(tmp_path / "in.parquet", urls)
+        out = tmp_path / "out"
+        assert cli_main(common_args(table, out)) == 0
+        parts = out / "_parts"
+        old_stats = json.loads((parts / "part-000000.stats.json").read_text())
+        records = pq.read_table(parts / "part-000000.parquet").to_pylist()
+        records[-1].update(http_status=410, error="HTTP 410")
+        samples = list(read_samples(parts / "part-000000.tar").values())
+        timing = {k: old_stats[k] for k in ("seconds", "retried_rows")}
+        write_part(parts, 0, samples, records, timing)
+        new_stats = json.loads((parts / "part-000000.stats.json").read_text())
+        assert {k: v for k, v in new_stats.items() if k != "parquet_sha256"} == {
+            k: v for k, v in old_stats.items() if k != "parquet_sha256"
+        }
+        assert cli_main(common_args(table, out)) == 0
+        assert (_last_row(out)["http_status"], _last_row(out)["error"]) == (410, "HTTP 410")
 
 
 def test_delete_parts_keeps_the_shards_and_refuses_retry(

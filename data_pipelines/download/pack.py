@@ -13,10 +13,10 @@ as tarfile writes them. A shard's bytes therefore depend only on its samples.
 
 Resume: the manifest and `_parts/packed.json` are removed before the first final file changes and
 written after the last, so an output holding a manifest is always consistent. Each final shard's stats
-record what it was made from (`pack`: a digest of the stats files of the parts up to the one that
-settles the shard, the shard size and its row range); a rerun keeps a shard whose stats match, rewrites
-the others and removes shards beyond the new count. Every rewrite of a part (resume, retry) gives it a
-new stats file, so the digest of every later shard changes with it.
+record what it was made from (`pack`: a digest of the content of the parts up to the one that settles
+the shard, the shard size and its row range); a rerun keeps a shard whose stats match, rewrites the
+others and removes shards beyond the new count. A rewrite of a part that changes any row (resume, retry)
+changes its parquet's hash, so the digest of every later shard changes with it.
 """
 
 from __future__ import annotations
@@ -66,12 +66,20 @@ class PackResult:
 
 
 def part_digests(plan: Plan) -> list[str]:
-    """Entry i: a digest of the stats files of parts 0..i (every part must be complete)."""
+    """Entry i: a digest of the content of parts 0..i (every part must be complete).
+
+    A part's content is its row parquet (hashed when written; hashed here for parts written before that
+    was recorded) and its tar's size: the parquet holds every row's status and reason and the hash of
+    every stored image, and the tar follows from those rows and the plan. The stats' timings are left
+    out, so the same parts give the same digest and a rewritten part with new reasons a new one.
+    """
     h = hashlib.sha256()
     digests = []
     for i in range(plan.num_parts):
-        data = plan.part_paths(i)[2].read_bytes()
-        h.update(len(data).to_bytes(8, "little") + data)
+        _, parquet_path, stats_path = plan.part_paths(i)
+        stats = json.loads(stats_path.read_text())
+        parquet_sha = stats.get("parquet_sha256") or hashlib.sha256(parquet_path.read_bytes()).hexdigest()
+        h.update(f"{stats['tar_bytes']} {parquet_sha}\n".encode())
         digests.append(h.copy().hexdigest()[:32])
     return digests
 

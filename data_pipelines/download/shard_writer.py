@@ -16,6 +16,7 @@ fixed mtime and owner, so the same samples always give the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -153,7 +154,12 @@ def write_files(
     for stale in folder.glob(f".{stem}.*.tmp"):
         stale.unlink(missing_ok=True)
     _atomic_write(tar_path, write_tar)
-    _atomic_write(parquet_path, lambda f: pq.write_table(rows, f))
+    # Serialised in memory first so that its hash can go into the stats: the pack tells a rewritten part
+    # from the old one by it (a retry can change reasons without changing any count or size).
+    sink = pa.BufferOutputStream()
+    pq.write_table(rows, sink)
+    parquet = sink.getvalue()
+    _atomic_write(parquet_path, lambda f: f.write(parquet))
     stats = {
         "name": tar_path.name,
         "num_samples": num_samples,
@@ -162,6 +168,7 @@ def write_files(
         "rows": rows.num_rows,
         "status_counts": status_counts(rows),
         "tar_bytes": tar_path.stat().st_size,
+        "parquet_sha256": hashlib.sha256(parquet).hexdigest(),
         **stats,
     }
     write_json(stats_path, stats)
