@@ -332,6 +332,30 @@ def test_bad_input_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureF
     assert not out.exists()
 
 
+@pytest.mark.timeout(30)  # without the check, --concurrency 0 hangs
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--concurrency", "0", "concurrency (--concurrency) must be at least 1, got 0"),
+        ("--concurrency", "-3", "concurrency (--concurrency) must be at least 1, got -3"),
+        ("--per-host", "0", "per_host (--per-host) must be at least 1, got 0"),
+    ],
+)
+def test_network_limits_below_one_are_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str, message: str
+) -> None:
+    """--concurrency 0 used to hang for ever and --per-host 0 to mean no limit at all."""
+    table = write_table(tmp_path / "in.parquet", ["http://example.com/a.jpg"])
+    out = tmp_path / "out"
+    start = time.monotonic()
+    assert cli_main([str(table), str(out), "--no-progress", flag, value]) == 2
+    assert time.monotonic() - start < 5
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="must be at least 1"):
+        FetchConfig(per_host=-1)
+
+
 def test_an_input_folder_reads_its_table_parts_and_skips_json_metadata(tmp_path: Path) -> None:
     # The balancer's output folder: parquet parts next to stats.json; the downloader takes it as it is.
     folder = tmp_path / "candidates"

@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_USER_AGENT,
         help="User-Agent header; its first token is the name robots.txt and X-Robots-Tag rules use",
     )
-    g.add_argument("--concurrency", type=int, default=64, help="requests in flight per process")
-    g.add_argument("--per-host", type=int, default=16, help="connections per host per process")
+    g.add_argument("--concurrency", type=int, default=64, help="requests in flight per process (>= 1)")
+    g.add_argument("--per-host", type=int, default=16, help="connections per host per process (>= 1)")
     g.add_argument("--connect-timeout", type=float, default=5.0, help="seconds")
     g.add_argument("--read-timeout", type=float, default=10.0, help="seconds without any byte arriving")
     g.add_argument(

@@ -90,6 +90,14 @@ class FetchConfig:
     max_bytes: int = 20 * 1024 * 1024
     allow_private_addresses: bool = False
 
+    def __post_init__(self) -> None:
+        # 0 would hang the run (a semaphore nobody can take) or, for aiohttp's per-host limit, silently
+        # mean "no limit"; negative values fail deep inside asyncio. Refuse both here, before any work.
+        for name, flag in (("concurrency", "--concurrency"), ("per_host", "--per-host")):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} ({flag}) must be at least 1, got {value}")
+
     @property
     def robots_token(self) -> str:
         """The product token robots.txt and scoped X-Robots-Tag rules name us by ("clip-train-downloader")."""
