@@ -43,6 +43,24 @@ def test_counts_from_manifest_and_img2dataset_stats(tmp_path: Path) -> None:
     assert _dm(bare, train_num_samples=6).batches_per_epoch == 1
 
 
+def test_an_unfinished_download_of_ours_is_refused(tmp_path: Path) -> None:
+    """Our crawler's shard stats carry a `pack` record; without manifest.json beside them the download
+    did not finish (killed before or during its pack), with or without train_num_samples."""
+    pattern = write_crawler_shards(tmp_path, [4, 4], manifest=False)
+    for stats in tmp_path.glob("shard-*.stats.json"):
+        data = json.loads(stats.read_text())
+        stats.write_text(json.dumps({**data, "pack": {"parts_digest": "0" * 32, "samples_per_shard": 4}}))
+    message = rf"the download into {tmp_path} did not finish \(no manifest.json\): rerun the same download"
+    with pytest.raises(ShardError, match=message):
+        count_samples(expand_urls(pattern))
+    with pytest.raises(ShardError, match=message):
+        _dm(pattern, train_num_samples=8).setup()
+    # img2dataset's layout has no manifest by design and stays readable.
+    theirs = write_img2dataset_shards(tmp_path / "i2d", [4, 2])
+    assert count_samples(expand_urls(theirs))[0] == 6
+    assert _dm(theirs, train_num_samples=6).batches_per_epoch == 1
+
+
 def test_missing_shards(tmp_path: Path) -> None:
     pattern = write_crawler_shards(tmp_path, [4, 4, 4])
     with pytest.raises(ShardError, match=r"2 of 5 shards not found: .*shard-000003.tar.*brace range"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import webdataset as wds
 from download_support import TEST_USER_AGENT, FaultServer, jpeg_image, write_img2dataset_shards
 
-from clip_train.data.shards import count_samples, expand_urls
+from clip_train.data.shards import ShardError, count_samples, expand_urls
 from data_pipelines.download import DownloadConfig, FetchConfig, ImageConfig, InputError, run_download
 from data_pipelines.download.__main__ import main as cli_main
 from data_pipelines.download.plan import read_input
@@ -168,6 +169,18 @@ def test_final_shards_hold_a_fixed_number_of_samples_copied_from_the_parts(fault
         rows = pq.read_table(tar.with_suffix(".parquet"), columns=["row"]).column("row").to_pylist()
         assert rows == list(range(previous_end, previous_end + len(rows)))
         previous_end += len(rows)
+
+
+def test_the_trainer_refuses_an_output_whose_pack_did_not_finish(fault_run, tmp_path: Path) -> None:
+    """A kill during a repack leaves shards of two packs side by side and no manifest: a brace pattern
+    over them must fail with the fix, not count whatever stats are there."""
+    out = tmp_path / "out"
+    shutil.copytree(fault_run[0], out)
+    pattern = str(out / json.loads((out / "manifest.json").read_text())["pattern"])
+    assert count_samples(expand_urls(pattern))[0] == len(GOOD)
+    (out / "manifest.json").unlink()
+    with pytest.raises(ShardError, match=rf"the download into {re.escape(str(out))} did not finish .*rerun"):
+        count_samples(expand_urls(pattern))
 
 
 def test_shards_read_with_plain_webdataset(fault_run, server: FaultServer) -> None:

@@ -4,7 +4,8 @@ Two layouts are read:
 
 * our crawler's: `shard-000000.tar` ... with `manifest.json` beside them,
   {"shards": [{"name": "shard-000000.tar", "num_samples": 1000}, ...], "num_samples": total},
-  and `shard-000000.stats.json` beside each tar;
+  and `shard-000000.stats.json` beside each tar (its `pack` record marks the crawler's shards: without a
+  manifest they belong to a download that did not finish, and are refused);
 * img2dataset's: `00000.tar` ... with `00000_stats.json` beside each tar (its `successes` field is the
   number of samples written) and no manifest.
 
@@ -163,20 +164,52 @@ def read_manifest(path: str | os.PathLike) -> dict[str, int]:
     return counts
 
 
+def _read_stats(stats: Path) -> dict | None:
+    """A per-shard stats file as a dict; None when there is none."""
+    if not stats.is_file():
+        return None
+    try:
+        data = json.loads(stats.read_text())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{stats} is not valid JSON ({e}); delete it or pass train_num_samples") from e
+    return data if isinstance(data, dict) else None
+
+
 def _img2dataset_stats(path: Path) -> int | None:
     """Sample count from an img2dataset `00000_stats.json` ("successes"), or our `.stats.json`."""
     for stats in (path.with_name(path.stem + "_stats.json"), path.with_name(path.stem + ".stats.json")):
-        if stats.is_file():
-            try:
-                data = json.loads(stats.read_text())
-            except (OSError, ValueError) as e:
-                raise ShardError(
-                    f"{stats} is not valid JSON ({e}); delete it or pass train_num_samples"
-                ) from e
+        data = _read_stats(stats)
+        if data is not None:
             for k in ("num_samples", "successes"):
                 if isinstance(data.get(k), int):
                     return data[k]
     return None
+
+
+def check_finished(urls: Sequence[str]) -> None:
+    """Raise ShardError for local shards of our crawler's download that did not finish.
+
+    The crawler writes manifest.json after the last shard and removes it before changing any shard, and
+    its shard stats carry a `pack` record. Such stats with no manifest beside them mean a download killed
+    before or during its pack: the shards on disk may mix an earlier pack with a new one, so they are
+    refused rather than read. img2dataset's layout (no manifest, no `pack`) is not affected.
+    """
+    has_manifest: dict[Path, bool] = {}
+    for url in urls:
+        if not is_local(url):
+            continue
+        path = local_path(url)
+        folder = path.parent
+        if folder not in has_manifest:
+            has_manifest[folder] = (folder / MANIFEST_NAME).is_file()
+        if has_manifest[folder]:
+            continue
+        stats = _read_stats(path.with_name(path.stem + ".stats.json"))
+        if stats is not None and "pack" in stats:
+            raise ShardError(
+                f"the download into {folder} did not finish (no {MANIFEST_NAME}): rerun the same download "
+                "command to complete it"
+            )
 
 
 def count_samples(urls: Sequence[str]) -> tuple[int | None, dict[str, int]]:
@@ -184,8 +217,9 @@ def count_samples(urls: Sequence[str]) -> tuple[int | None, dict[str, int]]:
 
     Returns (total or None when any shard's count is unknown, {url: count} for the known ones).
     Raises ShardError when a manifest exists but disagrees with the files: a listed shard it does not
-    know, or a file too small to hold the samples it claims.
+    know, or a file too small to hold the samples it claims; and for an unfinished download (check_finished).
     """
+    check_finished(urls)
     counts: dict[str, int] = {}
     manifests: dict[Path, dict[str, int]] = {}
     unknown = 0

@@ -37,7 +37,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clip_train.data.shards import ShardError, ShardSource, check_readable, count_samples, parse_sources
+from clip_train.data.shards import (
+    ShardError,
+    ShardSource,
+    check_finished,
+    check_readable,
+    count_samples,
+    parse_sources,
+)
 from clip_train.data.transforms import (
     RandomResizedCrop,
     ResizeCenterCrop,
@@ -421,6 +428,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self.sources = parse_sources(self.train_shards)
         for src in self.sources:
             check_readable(src.urls)
+            check_finished(src.urls)  # also with train_num_samples: a half-packed output mixes two packs
         if self.train_num_samples is not None:
             self.num_samples = self.train_num_samples
         else:
