@@ -369,6 +369,21 @@ def test_network_limits_below_one_are_refused_at_once(
         FetchConfig(per_host=-1)
 
 
+def test_an_unknown_retry_status_is_refused_with_the_valid_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A misspelt status used to match no row: nothing retried, exit 0."""
+    table = write_table(tmp_path / "in.parquet", ["http://example.com/a.jpg"])
+    out = tmp_path / "out"
+    assert cli_main([str(table), str(out), "--no-progress", "--retry-statuses", "timeout,http_eror"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown status(es) in retry_statuses (--retry-statuses): 'http_eror'" in err
+    assert "http_error" in err and "decode_error" in err and "connection_error" in err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="'duplicate'"):
+        DownloadConfig(input="in", output="out", retry_statuses=("duplicate",))
+
+
 def test_an_input_folder_reads_its_table_parts_and_skips_json_metadata(tmp_path: Path) -> None:
     # The balancer's output folder: parquet parts next to stats.json; the downloader takes it as it is.
     folder = tmp_path / "candidates"

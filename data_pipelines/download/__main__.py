@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--retry-statuses",
         default="",
-        help="comma list of statuses to retry (empty: every failure; duplicates are not failures)",
+        help="comma list of failure statuses to retry, e.g. timeout,http_error (empty: every failure; "
+        "duplicates are not failures); an unknown name is an error",
     )
     g.add_argument(
         "--delete-parts",

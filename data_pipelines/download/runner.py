@@ -32,13 +32,23 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from data_pipelines.download.fetch import OK, FetchConfig, Fetcher
-from data_pipelines.download.images import ImageConfig, ImageRejected, ProcessedImage, process_image
+from data_pipelines.download.fetch import FETCH_STATUSES, OK, FetchConfig, Fetcher
+from data_pipelines.download.images import (
+    IMAGE_STATUSES,
+    ImageConfig,
+    ImageRejected,
+    ProcessedImage,
+    process_image,
+)
 from data_pipelines.download.pack import delete_parts, pack, read_packed
 from data_pipelines.download.plan import InputError, Plan, make_plan
 from data_pipelines.download.shard_writer import MANIFEST_NAME, Sample, read_samples, write_part
 
 ProgressFn = Callable[[int, int], None]  # (rows finished, of which successes) since the last call
+ERROR = "error"  # an unexpected exception on one row
+# The statuses a part can hold besides success: what --retry-statuses may name (duplicates are decided by
+# the pack, never stored in a part, so they are never retried).
+FAILURE_STATUSES = (*FETCH_STATUSES, *IMAGE_STATUSES, ERROR)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,15 @@ class DownloadConfig:
     retry_failed: bool = False
     retry_statuses: tuple[str, ...] = ()  # empty: every failure (duplicates are not failures)
     delete_parts: bool = False  # remove the parts after a successful pack (no retry or repack after)
+
+    def __post_init__(self) -> None:
+        # A misspelt status would match no row: the retry would silently do nothing.
+        unknown = [s for s in self.retry_statuses if s not in FAILURE_STATUSES]
+        if unknown:
+            raise ValueError(
+                f"unknown status(es) in retry_statuses (--retry-statuses): {', '.join(map(repr, unknown))}; "
+                f"the failure statuses are {', '.join(FAILURE_STATUSES)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -246,7 +265,7 @@ class _PartWorker:
         try:
             record, sample = await self._one(row)
         except Exception as e:
-            record = _row_record(self.plan, row, status="error", error=f"{type(e).__name__}: {e}")
+            record = _row_record(self.plan, row, status=ERROR, error=f"{type(e).__name__}: {e}")
             sample = None
         self.progress(1, int(sample is not None))
         return record, sample
