@@ -384,6 +384,16 @@ def test_an_unknown_retry_status_is_refused_with_the_valid_ones(
         DownloadConfig(input="in", output="out", retry_statuses=("duplicate",))
 
 
+@pytest.mark.parametrize("column", ["url", "source"])
+def test_a_column_that_is_not_text_is_an_input_error(tmp_path: Path, column: str) -> None:
+    """A list-typed column used to raise ArrowNotImplementedError from the cast."""
+    columns = {"url": ["http://example.com/a.jpg"], "text": ["a"], "source": ["web"], column: [["x", "y"]]}
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table(columns), path)
+    with pytest.raises(InputError, match=rf"input {re.escape(str(path))}: column '{column}' has type list"):
+        read_input(path)
+
+
 def test_an_input_folder_reads_its_table_parts_and_skips_json_metadata(tmp_path: Path) -> None:
     # The balancer's output folder: parquet parts next to stats.json; the downloader takes it as it is.
     folder = tmp_path / "candidates"

@@ -87,15 +87,26 @@ def read_input(path: str | os.PathLike, url_col: str = "url", text_col: str = "t
         table = dataset.to_table(columns=[url_col, text_col, *extra])
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(f"cannot read {path} as {fmt}: {e}") from e
-    url = pc.cast(table.column(url_col), pa.string())
-    text = pc.fill_null(pc.cast(table.column(text_col), pa.string()), "")
+    url = _as_text(table, url_col, path)
+    text = pc.fill_null(_as_text(table, text_col, path), "")
     columns = {"url": url, "text": text}
     for c in extra:
         col = table.column(c)
         if (c == "matched_queries" and not pa.types.is_list(col.type)) or c != "matched_queries":
-            col = pc.cast(col, pa.string())
+            col = _as_text(table, c, path)
         columns[c] = col
     return pa.table(columns)
+
+
+def _as_text(table: pa.Table, column: str, path: str | os.PathLike) -> pa.ChunkedArray:
+    """Column `column` cast to strings; a type with no string form (a list, a struct) is an InputError."""
+    col = table.column(column)
+    try:
+        return pc.cast(col, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+        raise InputError(
+            f"input {path}: column {column!r} has type {col.type}, which cannot be read as text ({e})"
+        ) from e
 
 
 def _fingerprint(table: pa.Table) -> str:
