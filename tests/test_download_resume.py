@@ -3,6 +3,7 @@ scale-out (processes, submitit arrays) give the same final shards as one uninter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -337,6 +338,65 @@ def test_delete_parts_keeps_the_shards_and_refuses_retry(
     assert cli_main([*common_args(table, out), "--samples-per-shard", "20"]) == 2
     assert "cannot be repacked with 20 samples per shard" in capsys.readouterr().err
     assert dict(server.hits) == hits and shard_contents(out) == shard_contents(reference)
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a live process from /proc; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _children(pid: int) -> list[int]:
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return [p for p in pids if (stat := _proc_stat(p)) is not None and stat[1] == pid]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_workers_end_with_a_killed_launcher(tmp_path: Path) -> None:
+    """kill -9 of the launcher while its two workers wait on slow servers: the workers must not run on
+    (an orphan could later write a part that a rerun is writing)."""
+    with FaultServer() as server:
+        server.httpd.slow_seconds = 60
+        table = write_urls(tmp_path / "in.parquet", [server.url("/slow-headers.jpg")] * 4)
+        args = common_args(
+            tmp_path / "in.parquet", tmp_path / "out", "--processes", "2", "--rows-per-part", "2"
+        )
+        args += ["--parts-in-flight", "1", "--read-timeout", "120", "--total-timeout", "120"]
+        assert table.exists()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "data_pipelines.download", *args],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        workers: list[int] = []
+        try:
+            deadline = time.monotonic() + 60
+            while server.hits["/slow-headers.jpg"] < 4:  # both workers are waiting on their part's rows
+                assert proc.poll() is None and time.monotonic() < deadline, "the download did not start"
+                time.sleep(0.05)
+            workers = [
+                p for p in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
+            ]
+            assert len(workers) == 2
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=10) == -signal.SIGKILL
+            deadline = time.monotonic() + 5
+            alive = workers
+            while alive and time.monotonic() < deadline:
+                time.sleep(0.05)
+                # A zombie has ended: only its entry waits for whoever adopted it to reap it.
+                alive = [p for p in workers if (stat := _proc_stat(p)) is not None and stat[0] != "Z"]
+            assert not alive, f"workers {alive} outlived their launcher"
+        finally:
+            proc.kill()
+            for pid in workers:  # only the workers this test started, should the check above fail
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert not list((tmp_path / "out" / "_parts").glob("part-*"))
 
 
 @pytest.mark.slow

@@ -17,11 +17,14 @@ Pack phase, in the launching process once every part is complete: pack.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import queue as queue_module
+import signal
 import sys
 import time
 import traceback
@@ -182,10 +185,13 @@ def _hash_and_process(data: bytes, config: ImageConfig) -> tuple[str, ProcessedI
 class _PartWorker:
     """The asyncio pipeline of one process."""
 
-    def __init__(self, config: DownloadConfig, plan: Plan, progress: ProgressFn) -> None:
+    def __init__(
+        self, config: DownloadConfig, plan: Plan, progress: ProgressFn, before_write: Callable[[], None]
+    ) -> None:
         self.config = config
         self.plan = plan
         self.progress = progress
+        self.before_write = before_write  # runs right before a part is written (a worker's orphan check)
         self.out_dir = Path(plan.out_dir)
 
     async def run(self, jobs: Iterator[PartJob]) -> list[dict]:
@@ -299,14 +305,23 @@ class _PartWorker:
             if sample is not None:
                 samples.append(sample)
         stats = {"seconds": round(time.monotonic() - start, 3), "retried_rows": len(todo) if previous else 0}
-        return await self.loop.run_in_executor(
-            self.pool, write_part, self.plan.parts_dir, job.index, samples, records, stats
-        )
+
+        def write() -> dict:
+            self.before_write()
+            return write_part(self.plan.parts_dir, job.index, samples, records, stats)
+
+        return await self.loop.run_in_executor(self.pool, write)
 
 
-def run_jobs(config: DownloadConfig, plan: Plan, jobs: Iterator[PartJob], progress: ProgressFn) -> list[dict]:
+def run_jobs(
+    config: DownloadConfig,
+    plan: Plan,
+    jobs: Iterator[PartJob],
+    progress: ProgressFn,
+    before_write: Callable[[], None] = lambda: None,
+) -> list[dict]:
     """Run part jobs in this process (blocking); returns the stats of the parts written."""
-    return asyncio.run(_PartWorker(config, plan, progress).run(jobs))
+    return asyncio.run(_PartWorker(config, plan, progress, before_write).run(jobs))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -336,9 +351,38 @@ def _job_rows(plan: Plan, job: PartJob) -> int:
 # Local processes
 
 
-def _worker_main(config: DownloadConfig, plan: Plan, jobs: Sequence[PartJob], counter, queue) -> None:
-    """Entry of a local worker process: takes jobs from the shared counter, reports progress on queue."""
-    parent = os.getppid()
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """Make this worker end when `parent` (the launcher) dies; returns the check to run before each part
+    is taken and written.
+
+    A worker left running after a kill -9 of its launcher could write a part while the rerun writes the
+    same part. On Linux the kernel SIGKILLs the worker as its parent dies (PR_SET_PDEATHSIG); the check,
+    a comparison of getppid() with the launcher's pid, covers other systems and a parent that died before
+    the prctl call.
+    """
+
+    def exit_if_orphaned() -> None:
+        if os.getppid() != parent:  # reparented: the launcher is gone, so stop quietly
+            os._exit(1)
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no prctl: the check alone
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    exit_if_orphaned()
+    return exit_if_orphaned
+
+
+def _worker_main(
+    config: DownloadConfig, plan: Plan, jobs: Sequence[PartJob], counter, queue, parent: int
+) -> None:
+    """Entry of a local worker process: takes jobs from the shared counter, reports progress on queue.
+
+    parent: the launcher's pid, passed in rather than read here, so that a launcher dead before this
+    worker starts is noticed too."""
+    exit_if_orphaned = _die_with_parent(parent)
     pending = [0, 0]
     last = [time.monotonic()]
 
@@ -347,14 +391,14 @@ def _worker_main(config: DownloadConfig, plan: Plan, jobs: Sequence[PartJob], co
         pending[1] += ok
         now = time.monotonic()
         if now - last[0] > 0.3:
-            if os.getppid() != parent:  # the parent was killed: stop rather than run on as an orphan
-                os._exit(1)
+            exit_if_orphaned()
             queue.put(("progress", pending[0], pending[1]))
             pending[0] = pending[1] = 0
             last[0] = now
 
     def next_jobs() -> Iterator[PartJob]:
         while True:
+            exit_if_orphaned()
             with counter.get_lock():
                 i = counter.value
                 counter.value += 1
@@ -363,7 +407,7 @@ def _worker_main(config: DownloadConfig, plan: Plan, jobs: Sequence[PartJob], co
             yield jobs[i]
 
     try:
-        stats = run_jobs(config, plan, next_jobs(), progress)
+        stats = run_jobs(config, plan, next_jobs(), progress, before_write=exit_if_orphaned)
         queue.put(("progress", pending[0], pending[1]))
         queue.put(("done", len(stats), None))
     except BaseException:
@@ -411,7 +455,7 @@ def _run_local(config: DownloadConfig, plan: Plan, jobs: list[PartJob], bar: _Ba
     counter = ctx.Value("l", 0)
     queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker_main, args=(config, plan, jobs, counter, queue), daemon=True)
+        ctx.Process(target=_worker_main, args=(config, plan, jobs, counter, queue, os.getpid()), daemon=True)
         for _ in range(min(config.processes, len(jobs)))
     ]
     for p in procs:
