@@ -142,8 +142,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
 
 
 def test_stale_partial_parts_are_redone(slow_table, tmp_path: Path) -> None:
-    """What a kill while downloading can leave in _parts: a part with a tmp file and no stats, a torn stats
-    file."""
+    """What a kill while downloading can leave: a part with a tmp file and no stats, a torn stats file,
+    temporaries of the plan and of packed.json."""
     table, reference = slow_table
     out = tmp_path / "out"
     out.mkdir()
@@ -152,11 +152,16 @@ def test_stale_partial_parts_are_redone(slow_table, tmp_path: Path) -> None:
     (parts / "part-000002.stats.json").unlink()
     (parts / ".part-000002.parquet.999.tmp").write_bytes(b"partial")
     (parts / "part-000004.stats.json").write_text('{"tar_bytes": 1')
+    # Temporaries of a launcher killed while writing the plan or packed.json, and a file of the user's.
+    for name in ("_plan/.rows.999.tmp", "_plan/.plan.999.tmp", "_parts/.packed.json.999.tmp"):
+        (out / name).write_bytes(b"partial")
+    (out / "_plan" / ".notes.tmp").write_text("not ours")
     before = (parts / "part-000000.tar").stat().st_mtime_ns
     assert cli_main(common_args(table, out, "--concurrency", "8")) == 0
     assert shard_contents(out) == shard_contents(reference)
     assert (parts / "part-000000.tar").stat().st_mtime_ns == before  # finished parts untouched
     assert not hidden_files(out)
+    assert [p.name for p in (out / "_plan").iterdir() if p.name.startswith(".")] == [".notes.tmp"]
 
 
 def test_an_interrupted_pack_is_redone_without_downloading(

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_pipelines.download.fetch import OK
-from data_pipelines.download.plan import Plan
+from data_pipelines.download.plan import PACKED_NAME, Plan
 from data_pipelines.download.shard_writer import (
     MANIFEST_NAME,
     SHARD_PREFIX,
@@ -52,7 +52,6 @@ from data_pipelines.download.shard_writer import (
 )
 
 DUPLICATE = "duplicate"
-PACKED_NAME = "packed.json"
 _SHARD_FILE = re.compile(rf"^{SHARD_PREFIX}-(\d+)\.(?:tar|parquet|stats\.json)$")
 
 

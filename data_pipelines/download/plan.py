@@ -32,6 +32,10 @@ OPTIONAL_COLUMNS = ("query", "matched_queries", "source")
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 PLAN_DIR = "_plan"
 PARTS_DIR = "_parts"
+PACKED_NAME = "packed.json"  # in PARTS_DIR: what the final shards were packed from (pack.py)
+# Temporary files that only the launching process writes, named `.NAME.<pid>.tmp` (the part files'
+# temporaries are cleaned when their part is rewritten).
+_LAUNCHER_TEMPS = (f"{PLAN_DIR}/.rows.*.tmp", f"{PLAN_DIR}/.plan.*.tmp", f"{PARTS_DIR}/.{PACKED_NAME}.*.tmp")
 
 
 class InputError(ValueError):
@@ -202,6 +206,9 @@ def make_plan(
         raise InputError(f"rows_per_part must be >= 1, got {rows_per_part}")
     table = read_input(input_path, url_col, text_col)
     out = Path(out_dir)
+    # Left by a launcher killed while writing them; no other process is at work on `out` yet.
+    for stale in [p for pattern in _LAUNCHER_TEMPS for p in out.glob(pattern)]:
+        stale.unlink(missing_ok=True)
     plan = Plan(
         out_dir=str(out),
         input=str(Path(input_path).resolve()),
