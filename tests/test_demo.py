@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -92,15 +93,35 @@ def test_the_server_serves_the_rendered_scenes_and_the_faults_on_loopback():
 
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
+def _listening_socket() -> socket.socket:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    return busy
+
+
+def test_the_scene_website_takes_the_port_it_is_given_and_a_busy_one_is_detected():
+    with _listening_socket() as busy:
+        port = busy.getsockname()[1]
+        assert not run_demo._port_is_free(port)
+    assert run_demo._port_is_free(port)
+    with serving(0, 10, port) as server:  # the demo's fixed port: the same URLs, so the same crawl
+        assert server.base_url == f"http://127.0.0.1:{port}"
+
+
 def test_a_miniature_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
+    busy = _listening_socket()  # the demo's port is taken: it must fall back to a free one and say so
     result = run_demo.main(
-        ["--out", str(out), "--rows", "90", "--t", "6", "--eval-per-seen-pair", "1",
+        ["--out", str(out), "--port", str(busy.getsockname()[1]),
+         "--rows", "90", "--t", "6", "--eval-per-seen-pair", "1",
          "--eval-per-unseen-pair", "2", "--train", "global_batch_size=8", "trainer.max_epochs=1",
          "data.num_workers=1", "~callbacks.progress",
          "scheduler.warmup_steps=2", "trainer.log_every_n_steps=1", "logger.0.flush_logs_every_n_steps=1"]
     )  # fmt: skip
+    busy.close()
     printed = capsys.readouterr().out
+    assert "is busy, so the scene website uses a free port" in printed
     assert set(result["seconds"]) == {"source", "crawl", "train", "evaluate", "report"}
     for attribute in ("shape", "colour"):
         accuracy = result["results"][attribute].accuracy
