@@ -132,10 +132,12 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
     assert 2 <= len(finished) < 6 and not (out / "manifest.json").exists()
     assert not list(out.glob("shard-*"))
     for tar in (out / "_parts").glob("part-*.tar"):
-        with tarfile.open(tar) as f:
+        with tarfile.open(tar) as f:  # a final name never holds a truncated tar
             names = f.getnames()
-        rows = pq.read_table(tar.with_suffix(".parquet")).column("status").to_pylist()
-        assert len(names) == 3 * rows.count("success")
+        parquet = tar.with_suffix(".parquet")
+        if parquet.exists():  # the kill may land between the tar's rename and the parquet's
+            rows = pq.read_table(parquet).column("status").to_pylist()
+            assert len(names) == 3 * rows.count("success")
     assert cli_main(common_args(table, out, "--concurrency", "8")) == 0
     assert shard_contents(out) == shard_contents(reference)
     assert not hidden_files(out)
