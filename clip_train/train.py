@@ -29,6 +29,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
 
+from clip_train.training.sharding import is_sharded
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("clip_train")
 
@@ -152,11 +154,7 @@ def build_strategy(cfg: DictConfig) -> Strategy | str:
     clip = cfg.module.get("gradient_clip_norm")
     if isinstance(strategy_cfg, DictConfig):
         strategy = instantiate(strategy_cfg)
-    elif (
-        clip is not None
-        and strategy_cfg in StrategyRegistry
-        and issubclass(StrategyRegistry[strategy_cfg]["strategy"], DeepSpeedStrategy | FSDPStrategy)
-    ):
+    elif clip is not None and is_sharded(strategy_cfg):
         # A registered name such as "deepspeed_stage_2": build the object, to configure its clipping.
         strategy = StrategyRegistry.get(strategy_cfg)
     else:
@@ -177,15 +175,6 @@ def build_strategy(cfg: DictConfig) -> Strategy | str:
             "gradients by norm); set module.gradient_clip_norm=null or use trainer=deepspeed_zero3"
         )
     return strategy
-
-
-def is_sharded(strategy: Strategy | str) -> bool:
-    """DeepSpeed or FSDP, given as an object or as a registered name such as "deepspeed_stage_3"."""
-    if isinstance(strategy, str):
-        return strategy in StrategyRegistry and issubclass(
-            StrategyRegistry[strategy]["strategy"], DeepSpeedStrategy | FSDPStrategy
-        )
-    return isinstance(strategy, DeepSpeedStrategy | FSDPStrategy)
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:

@@ -29,10 +29,15 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from clip_train.checkpoints import CheckpointError, clip_config_to_dict, load_model
 from clip_train.losses import ContrastiveLoss
 from clip_train.models import build_model
-from clip_train.train import is_sharded, resume_checkpoint
+from clip_train.train import resume_checkpoint
 from clip_train.training.lightning_module import CLIPTrainingModule
 from clip_train.training.optim import decayed_parameter_names, parameter_groups
-from clip_train.training.sharding import clamp_master_copy_, full_parameters, promote_scalar_parameters
+from clip_train.training.sharding import (
+    clamp_master_copy_,
+    full_parameters,
+    is_sharded,
+    promote_scalar_parameters,
+)
 
 WORLD = 2
 EOT = 49407

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from clip_train.training.gradient_cache import gradient_cached_step
 from clip_train.training.optim import decayed_parameter_names, parameter_groups
-from clip_train.training.sharding import SHARDED_STRATEGIES, clamp_master_copy_, promote_scalar_parameters
+from clip_train.training.sharding import clamp_master_copy_, is_sharded, promote_scalar_parameters
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -89,7 +89,7 @@ class CLIPTrainingModule(pl.LightningModule):
         inner = getattr(self.model, "_orig_mod", self.model)
         if self._decayed_names is None:
             self._decayed_names = decayed_parameter_names(inner, inner.no_weight_decay_param_names())
-        if isinstance(self.trainer.strategy, SHARDED_STRATEGIES):
+        if is_sharded(self.trainer.strategy):
             promote_scalar_parameters(self.model)
         if self.compile and not getattr(self, "_compiled", False):
             self.model = torch.compile(self.model)

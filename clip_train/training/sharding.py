@@ -11,10 +11,19 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
 from torch import nn
 
 SHARDED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy)
+
+
+def is_sharded(strategy: Strategy | str) -> bool:
+    """DeepSpeed or FSDP, given as an object or as a registered name such as "deepspeed_stage_3"."""
+    if isinstance(strategy, str):
+        return strategy in StrategyRegistry and issubclass(
+            StrategyRegistry[strategy]["strategy"], SHARDED_STRATEGIES
+        )
+    return isinstance(strategy, SHARDED_STRATEGIES)
 
 
 def promote_scalar_parameters(module: nn.Module) -> list[str]:
