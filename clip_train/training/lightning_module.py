@@ -86,9 +86,7 @@ class CLIPTrainingModule(pl.LightningModule):
         # Runs before the strategy wraps the model. Which parameters get weight decay is decided by shape,
         # so decide it now: FSDP later turns every parameter into a 1-D view of its shard. And the sharded
         # strategies refuse 0-dim tensors.
-        inner = getattr(self.model, "_orig_mod", self.model)
-        if self._decayed_names is None:
-            self._decayed_names = decayed_parameter_names(inner, inner.no_weight_decay_param_names())
+        self._decay_decision()
         if is_sharded(self.trainer.strategy):
             promote_scalar_parameters(self.model)
         if self.compile and not getattr(self, "_compiled", False):
@@ -98,10 +96,7 @@ class CLIPTrainingModule(pl.LightningModule):
     def configure_optimizers(self):
         inner = getattr(self.model, "_orig_mod", self.model)
         groups = parameter_groups(
-            inner,
-            weight_decay=self._optimizer_weight_decay(),
-            no_decay_names=inner.no_weight_decay_param_names(),
-            decayed_names=self._decayed_names,
+            inner, weight_decay=self._optimizer_weight_decay(), decayed_names=self._decay_decision()
         )
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
@@ -109,6 +104,14 @@ class CLIPTrainingModule(pl.LightningModule):
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _decay_decision(self) -> set[str]:
+        """Names of the parameters that get weight decay, decided once on the unwrapped model (configure_model
+        runs before any wrapping; a module used outside Trainer.fit decides at its first optimiser)."""
+        if self._decayed_names is None:
+            inner = getattr(self.model, "_orig_mod", self.model)
+            self._decayed_names = decayed_parameter_names(inner, inner.no_weight_decay_param_names())
+        return self._decayed_names
 
     def _optimizer_weight_decay(self) -> float:
         keywords = getattr(self.optimizer_factory, "keywords", {}) or {}
