@@ -428,8 +428,11 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self.sources = parse_sources(self.train_shards)
         for src in self.sources:
             check_readable(src.urls)
-            check_finished(src.urls)  # also with train_num_samples: a half-packed output mixes two packs
         if self.train_num_samples is not None:
+            # count_samples (below) is skipped, but its unfinished-download check must not be: a half-packed
+            # output mixes shards of two packs.
+            for src in self.sources:
+                check_finished(src.urls)
             self.num_samples = self.train_num_samples
         else:
             total = 0
