@@ -67,18 +67,16 @@ class PackResult:
 def part_digests(plan: Plan) -> list[str]:
     """Entry i: a digest of the content of parts 0..i (every part must be complete).
 
-    A part's content is its row parquet (hashed when written; hashed here for parts written before that
-    was recorded) and its tar's size: the parquet holds every row's status and reason and the hash of
-    every stored image, and the tar follows from those rows and the plan. The stats' timings are left
-    out, so the same parts give the same digest and a rewritten part with new reasons a new one.
+    A part's content is its row parquet (its hash, recorded in the stats when the part was written) and
+    its tar's size: the parquet holds every row's status and reason and the hash of every stored image,
+    and the tar follows from those rows and the plan. The stats' timings are left out, so the same parts
+    give the same digest and a rewritten part with new reasons a new one.
     """
     h = hashlib.sha256()
     digests = []
     for i in range(plan.num_parts):
-        _, parquet_path, stats_path = plan.part_paths(i)
-        stats = json.loads(stats_path.read_text())
-        parquet_sha = stats.get("parquet_sha256") or hashlib.sha256(parquet_path.read_bytes()).hexdigest()
-        h.update(f"{stats['tar_bytes']} {parquet_sha}\n".encode())
+        stats = plan.part_stats(i)
+        h.update(f"{stats['tar_bytes']} {stats['parquet_sha256']}\n".encode())
         digests.append(h.copy().hexdigest()[:32])
     return digests
 
