@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_support import free_port, init_gloo
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -144,13 +143,7 @@ def _contrastive(chunk_size):
 
 
 def _run_rank(rank_: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank_,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank_, WORLD, port)
     torch.set_num_threads(1)
     try:
         results = {
@@ -172,16 +165,10 @@ def _run_rank(rank_: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("distributed_loss")
-    mp.spawn(_run_rank, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_run_rank, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 

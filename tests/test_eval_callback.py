@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from eval_support import (
     write_captioned_folder,
     write_colour_folder,
 )
+from gloo_support import free_port, init_gloo
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -83,20 +82,10 @@ def test_gather_rows_checks_its_slice():
 
 
 # ------------------------------------------------------------------------------- two real gloo processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, root: str, out: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     try:
         model = load_model(Path(root) / "model.pt")
         zs = evaluate_zero_shot(
@@ -126,7 +115,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     save_model(tiny_model(seed=7), tmp_path / "model.pt")
     write_colour_folder(tmp_path / "colours", per_class=3)  # 9 images: 5 + 4 over two ranks
     write_captioned_folder(tmp_path / "captioned", CAPTIONS)  # 5 images, 9 captions
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
 
     model = load_model(tmp_path / "model.pt")
     single_zs = evaluate_zero_shot(model, image_folder(tmp_path / "colours"), ["a photo of a {}.", "{}"])
@@ -245,7 +234,7 @@ def _ddp_fit_rank(rank: int, world: int, port: int, root: str) -> None:
 def test_ddp_fit_logs_what_one_process_computes_for_the_same_weights(tmp_path):
     write_colour_folder(tmp_path / "colours", per_class=3)  # 9 images: 5 + 4 over two ranks
     write_captioned_folder(tmp_path / "captioned", CAPTIONS)  # 5 images, 9 captions
-    mp.spawn(_ddp_fit_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_fit_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, tensor in ranks[0]["state"].items():  # DDP kept the replicas identical

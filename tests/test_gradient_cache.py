@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_support import free_port, init_gloo
 from torch.nn.parallel import DistributedDataParallel
 
 from clip_train.losses import ContrastiveLoss, SigLipLoss
@@ -104,14 +104,10 @@ def test_bad_arguments_are_named():
 
 
 # ----------------------------------------------------------------------------------------- 2 processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         torch.set_num_threads(1)
         images, tokens = _batch()
@@ -138,7 +134,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
 def test_two_processes_match_the_full_batch():
     world = 2
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), results), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), results), nprocs=world, join=True)
     for rank in range(world):
         same_names, max_relative_error, _ = results[rank]
         assert same_names

@@ -13,8 +13,6 @@ outside the wrapped forward inside `full_parameters`, as the evaluation callback
 from __future__ import annotations
 
 import math
-import socket
-from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_support import free_port, init_gloo
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -117,13 +116,7 @@ def test_registered_strategy_names_are_recognised():
 
 
 def _fsdp_rank(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, WORLD, port)
     torch.set_num_threads(1)
     result: dict = {}
     try:
@@ -178,15 +171,9 @@ def _fsdp_rank(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(180)
 def test_fsdp_trains_the_promoted_model_and_its_checkpoint_loads(tmp_path):
-    mp.spawn(_fsdp_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_fsdp_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for r in results:
         assert "scalar parameters" in r["unpromoted"]  # the failure seen on the H200, reproduced on CPU
@@ -299,7 +286,7 @@ def _deepspeed_rank(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def deepspeed_run(tmp_path_factory) -> tuple[list[dict], Path]:
     out_dir = tmp_path_factory.mktemp("deepspeed")
-    mp.spawn(_deepspeed_rank, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_deepspeed_rank, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)], out_dir
 
 
