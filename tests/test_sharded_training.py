@@ -281,6 +281,10 @@ def _deepspeed_rank(rank: int, port: int, out_dir: str) -> None:
                     )
     finally:
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        # Without it, gloo's threads could still be running at exit: about one run in six aborted
+        # ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
