@@ -11,6 +11,7 @@ checkpoint, data position included.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
 
-from clip_train.training.sharding import is_sharded
+from clip_train.training.sharding import is_sharded, is_sharded_class
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("clip_train")
@@ -131,14 +132,26 @@ def per_rank_batch_size(global_batch_size: int, world: int) -> int:
 
 
 def check_hardware(cfg: DictConfig) -> None:
-    """DeepSpeed and FSDP need CUDA: say so before anything is built."""
+    """DeepSpeed and FSDP need CUDA (Lightning refuses them on a CPU): say so before anything is built.
+
+    A strategy class may declare `runs_on_cpu = True`: the test suite's subclass of FSDPStrategy, which
+    lifts Lightning's CPU refusal to run the sharded code paths on CPU processes."""
     strategy = cfg.trainer.get("strategy", "auto")
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    needs_cuda = any(word in target.lower() for word in ("deepspeed", "fsdp"))
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if isinstance(strategy, DictConfig):
+        target = str(strategy.get("_target_", ""))
+        module_name, _, class_name = target.rpartition(".")
+        try:
+            strategy_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ConfigError(f"trainer.strategy._target_={target!r} names no class: {error}") from None
+        needs_cuda = is_sharded_class(strategy_class) and not getattr(strategy_class, "runs_on_cpu", False)
+    else:
+        target = str(strategy)
+        needs_cuda = is_sharded(target)
     if (needs_cuda or accelerator in ("gpu", "cuda")) and not torch.cuda.is_available():
         raise ConfigError(
-            f"the trainer config (strategy {target or strategy}, accelerator {accelerator}) needs CUDA, "
+            f"the trainer config (strategy {target}, accelerator {accelerator}) needs CUDA, "
             "but torch sees no GPU here; use trainer=cpu or trainer=ddp_cpu on this machine"
         )
 
@@ -236,6 +249,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler),
     )
+    if is_sharded(strategy) and not getattr(module, "runs_under_sharded_strategies", True):
+        raise ConfigError(
+            f"{type(module).__name__} does not run under {type(strategy).__name__}; use trainer=gpu (DDP)"
+        )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
     trainer: pl.Trainer = instantiate(

@@ -29,7 +29,7 @@ from clip_train.distillation import (
     side_file,
 )
 from clip_train.models import build_model
-from clip_train.train import CONFIG_DIR, train
+from clip_train.train import CONFIG_DIR, ConfigError, train
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +168,17 @@ def test_the_distillation_experiments_compose():
     assert tiny.model.teacher == "t.pt" and tiny.module.teacher == "t.pt" and tiny.run_name == "distill_demo"
     assert [list(m) for m in b32.loss.temperature] == [[0, 4.0], [5, 2.0]]
     assert b32.model.width_ratio == 0.5 and b32.model.depth_ratio == 0.5 and b32.module.teacher_embeddings
+
+
+def test_distillation_under_a_sharded_strategy_is_refused_before_training(setup, tmp_path):
+    _, shards, teacher_path = setup
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "+experiment=distill_demo", f"teacher={teacher_path}", f"data.train_shards='{shards}'",
+            f"paths.root_dir={tmp_path}", "trainer=fsdp", "trainer.accelerator=cpu",
+            # tests/sharded_on_cpu.py: FSDP allowed on a CPU
+            "trainer.strategy._target_=sharded_on_cpu.FSDPOnCPU", "module.gradient_clip_norm=null",
+        ])  # fmt: skip
+    with pytest.raises(ConfigError, match="DistillationModule does not run under FSDPOnCPU"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))

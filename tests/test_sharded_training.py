@@ -3,11 +3,12 @@
 On an H200 (torch 2.11, DeepSpeed 0.19.8) every DeepSpeed stage failed in its first broadcast of the model
 ("self.dim() cannot be 0 to view BFloat16 as Byte": the 0-dim temperature) and FSDP refused the model ("FSDP
 doesn't support scalar parameters"). The training module now gives 0-dim parameters the shape (1,) under
-those strategies. Lightning runs neither strategy on a CPU, but torch's FSDP and DeepSpeed's engine do
-(gloo, DeepSpeed's CPU accelerator), and both failures reproduce there: these tests wrap the model in real
+those strategies. torch's FSDP and DeepSpeed's engine run on a CPU (gloo, DeepSpeed's CPU accelerator),
+and both failures reproduce there: these tests wrap the model in real
 FSDP and in DeepSpeed ZeRO 1-3 on two CPU processes and train a step; for FSDP they also save the full state
 dict as a Lightning checkpoint and load it back with clip_train.checkpoints; for both they run the towers
-outside the wrapped forward inside `full_parameters`, as the evaluation callback does.
+outside the wrapped forward inside `full_parameters`, as the evaluation callback does. The whole program
+under Lightning's strategies: tests/test_sharded_lightning.py.
 """
 
 from __future__ import annotations

@@ -62,6 +62,10 @@ class DistillationModule(CLIPTrainingModule):
             distributions (accepted so the training config's common `module` keys fit).
     """
 
+    # The step reads the student's towers and temperature outside the model's forward pass, where FSDP and
+    # ZeRO-3 hold only shards of them; distillation runs under DDP (trainer=gpu).
+    runs_under_sharded_strategies = False
+
     def __init__(
         self,
         model: CLIP,

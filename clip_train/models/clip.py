@@ -8,8 +8,7 @@ temperature exp(logit_scale) (clamped at `max_logit_scale`) and the optional Sig
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +29,10 @@ from clip_train.models.vision_transformer import VisionTransformer
 _EMBEDDING_SUFFIXES = ("positional_embedding", "class_embedding", "token_embedding.weight")
 
 
-@dataclass
-class CLIPOutput:
+class CLIPOutput(NamedTuple):
+    # A named tuple, not a dataclass: DeepSpeed ZeRO-3 hooks the tensors of a module's output for its
+    # backward bookkeeping and looks inside tuples only; behind a dataclass the temperature's gradient was
+    # silently dropped (zero at every step, DeepSpeed 0.19.8).
     image_embeds: Tensor  # (B, D), unit L2 norm
     text_embeds: Tensor  # (B, D), unit L2 norm
     logit_scale: Tensor  # scalar, exp of the log-space parameter, at most exp(max_logit_scale)

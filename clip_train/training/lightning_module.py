@@ -15,11 +15,18 @@ from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import FSDPStrategy
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from clip_train.training.gradient_cache import gradient_cached_step
 from clip_train.training.optim import decayed_parameter_names, parameter_groups
-from clip_train.training.sharding import clamp_master_copy_, is_sharded, promote_scalar_parameters
+from clip_train.training.sharding import (
+    clamp_master_copy_,
+    is_sharded,
+    promote_scalar_parameters,
+    wrap_for_fsdp,
+)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -46,6 +53,8 @@ class CLIPTrainingModule(pl.LightningModule):
         compile: wrap the model in `torch.compile`.
         grad_checkpointing: recompute activations in the backward pass to save memory.
     """
+
+    runs_under_sharded_strategies = True  # FSDP, DeepSpeed ZeRO (a subclass may say otherwise)
 
     def __init__(
         self,
@@ -87,8 +96,11 @@ class CLIPTrainingModule(pl.LightningModule):
         # so decide it now: FSDP later turns every parameter into a 1-D view of its shard. And the sharded
         # strategies refuse 0-dim tensors.
         self._decay_decision()
-        if is_sharded(self.trainer.strategy):
+        strategy = self.trainer.strategy
+        if is_sharded(strategy):
             promote_scalar_parameters(self.model)
+        if isinstance(strategy, FSDPStrategy) and not isinstance(self.model, FullyShardedDataParallel):
+            self.model = wrap_for_fsdp(strategy, self.model)
         if self.compile and not getattr(self, "_compiled", False):
             self.model = torch.compile(self.model)
             self._compiled = True
@@ -172,7 +184,12 @@ class CLIPTrainingModule(pl.LightningModule):
             )
         encoded = self.model(images, tokens)
         self._last_logit_scale = encoded.logit_scale.detach()
-        output = self.loss(encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias)
+        # forward, not __call__: the loss has no parameters, and under ZeRO-3 DeepSpeed's hooks on every
+        # submodule would hook its inputs for the backward pass without seeing through its output (a
+        # dataclass), and assert in that backward ("active_backward_submodules is empty").
+        output = self.loss.forward(
+            encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias
+        )
         # Back-propagate even a non-finite loss: every rank must take part in the gradient all-reduce.
         self.manual_backward(output.loss)
         return output

@@ -1,8 +1,9 @@
 """What training under the sharded strategies (DeepSpeed ZeRO, FSDP) needs beyond DDP.
 
-Two things differ from DDP: the strategies refuse 0-dim parameters, and outside the wrapped module's own
-forward pass a parameter may hold only this rank's shard (FSDP, ZeRO-3). Code that reads the model
-outside that forward (the evaluation callback) gathers the full parameters first.
+Three things differ from DDP: the strategies refuse 0-dim parameters; outside the wrapped module's own
+forward pass a parameter may hold only this rank's shard (FSDP, ZeRO-3), so code that reads the model
+outside that forward (the evaluation callback) gathers the full parameters first; and under FSDP the
+training module wraps the model itself (`wrap_for_fsdp`) rather than letting Lightning wrap the module.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import torch
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
 from torch import nn
 
+from clip_train.models.modified_resnet import Bottleneck
+from clip_train.models.transformer import ResidualAttentionBlock
+
 SHARDED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy)
 
 
 def is_sharded(strategy: Strategy | str) -> bool:
     """DeepSpeed or FSDP, given as an object or as a registered name such as "deepspeed_stage_3"."""
     if isinstance(strategy, str):
-        return strategy in StrategyRegistry and issubclass(
-            StrategyRegistry[strategy]["strategy"], SHARDED_STRATEGIES
-        )
+        return strategy in StrategyRegistry and is_sharded_class(StrategyRegistry[strategy]["strategy"])
     return isinstance(strategy, SHARDED_STRATEGIES)
+
+
+def is_sharded_class(strategy_class: type) -> bool:
+    return isinstance(strategy_class, type) and issubclass(strategy_class, SHARDED_STRATEGIES)
 
 
 def promote_scalar_parameters(module: nn.Module) -> list[str]:
@@ -37,6 +43,27 @@ def promote_scalar_parameters(module: nn.Module) -> list[str]:
             param.data = param.data.reshape(1)
             names.append(name)
     return names
+
+
+# The modules FSDP shards as units of their own: each residual block of either tower. One unit for the whole
+# model would gather every parameter for the forward pass, which is what sharding is meant to avoid.
+FSDP_UNITS = frozenset({ResidualAttentionBlock, Bottleneck})
+
+
+def wrap_for_fsdp(strategy: FSDPStrategy, model: nn.Module) -> nn.Module:
+    """`model` wrapped in FSDP with the strategy's settings, one unit per residual block (unless the
+    strategy config names its own auto_wrap_policy). Call it from LightningModule.configure_model.
+
+    Why not let Lightning wrap the whole LightningModule, as it does by default: the training step then
+    runs inside FSDP's forward pass, and our optimisation is manual, so the backward pass would run inside
+    the forward too, which FSDP refuses ("Expects BACKWARD_PRE or BACKWARD_POST state but got
+    HandleTrainingState.FORWARD", Lightning issues #19626 and #19685). Wrapping the model inside the module
+    keeps forward and backward apart; Lightning leaves a module that already holds FSDP units unwrapped."""
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy, wrap
+
+    if "auto_wrap_policy" in strategy.kwargs:
+        return wrap(model)
+    return wrap(model, auto_wrap_policy=ModuleWrapPolicy(FSDP_UNITS))
 
 
 @contextlib.contextmanager
