@@ -75,7 +75,12 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     colours = write_colour_folder(root / "colours", per_class=2)
     logs = {"ddp": _train(root, shards, colours, "ddp", STEPS, "trainer=ddp_cpu")}
     for trainer, target in STRATEGIES.items():
-        options = (f"trainer={trainer}", f"trainer.strategy._target_={target}")
+        # With gradient checkpointing, which is exact: the trajectory must still be DDP's.
+        options = (
+            f"trainer={trainer}",
+            f"trainer.strategy._target_={target}",
+            "module.grad_checkpointing=true",
+        )
         first = _train(root, shards, colours, trainer, STEPS // 2, *options)
         logs[trainer] = first + _train(root, shards, colours, trainer, STEPS, *options)
     return root, logs
@@ -101,6 +106,25 @@ def test_a_sharded_strategy_trains_like_ddp_across_a_restart(runs, trainer):
     assert sorted(evaluated) == sorted(s for s, m in expected.items() if "eval/colours/zero_shot_top1" in m)
     for step, metrics in evaluated.items():
         assert metrics["eval/colours/zero_shot_top1"] == expected[step]["eval/colours/zero_shot_top1"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_deepspeed_clips_gradients_as_ddp_does(tmp_path):
+    """The module's clip norm goes into DeepSpeed's config (train.build_strategy), where the engine clips;
+    a norm this small clips every step, so a clip that did not happen would show in the losses."""
+    shards = write_crawler_shards(tmp_path / "shards", [24, 24, 24, 24], image_size=40)
+    colours = write_colour_folder(tmp_path / "colours", per_class=2)
+    clip = ("module.gradient_clip_norm=0.05", "~callbacks.zero_shot_eval")
+    target = f"trainer.strategy._target_={STRATEGIES['deepspeed_zero3']}"
+    _train(tmp_path, shards, colours, "ddp", 3, "trainer=ddp_cpu", *clip)
+    _train(tmp_path, shards, colours, "zero3", 3, "trainer=deepspeed_zero3", target, *clip)
+    expected = read_metrics(tmp_path / "runs/ddp/logs/metrics.csv")
+    actual = read_metrics(tmp_path / "runs/zero3/logs/metrics.csv")
+    for step in range(3):
+        assert actual[step]["train/loss"] == pytest.approx(expected[step]["train/loss"], abs=1e-5), step
+    unclipped_step_1 = 4.167  # the same run without clipping (test above), to 3 decimals
+    assert abs(actual[1]["train/loss"] - unclipped_step_1) > 0.02
 
 
 @pytest.mark.slow
