@@ -20,7 +20,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from clip_train.data import ShardError
+from clip_train.checkpoints import load_model
+from clip_train.data import ShardError, WebDatasetDataModule
 from clip_train.losses import ContrastiveLoss
 from clip_train.models import build_model
 from clip_train.train import (
@@ -481,15 +482,43 @@ def test_a_run_killed_mid_epoch_resumes_on_the_same_trajectory(tmp_path):
 @pytest.mark.slow
 def test_two_cpu_processes_train_with_ddp(tmp_path):
     shards = write_crawler_shards(tmp_path / "shards", [24, 24, 24, 24], image_size=40)
+    # Three validation shards over two ranks: rank 0 reads two, rank 1 one (uneven on purpose).
+    val_shards = write_crawler_shards(tmp_path / "val", [10, 7, 5], image_size=40)
     args = [*_common(shards, tmp_path), "trainer=ddp_cpu", "data.num_workers=1", "trainer.max_epochs=1",
-            "micro_batch_size=4", "run_name=ddp"]  # fmt: skip
+            "micro_batch_size=4", "run_name=ddp", f"data.val_shards='{val_shards}'",
+            # No BatchNorm: rank 1's running statistics drift from rank 0's (saved) within the last step.
+            "model=vit_tiny"]  # fmt: skip
     proc = _run(args, cwd=tmp_path)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out
+    assert "no `validation_step`" not in out
     metrics = read_metrics(tmp_path / "runs/ddp/logs/metrics.csv")
     losses = [m["train/loss"] for _, m in sorted(metrics.items()) if "train/loss" in m]
     assert len(losses) == 96 // 16
-    assert (tmp_path / "runs/ddp/checkpoints/last.ckpt").exists()
+    checkpoint = tmp_path / "runs/ddp/checkpoints/last.ckpt"
+    assert checkpoint.exists()
+
+    # Validation ran at the end of the epoch with the final weights: every validation sample once, each
+    # rank's batches scored against themselves, the sums reduced over both ranks.
+    logged = metrics[96 // 16]
+    model = load_model(checkpoint).eval()
+    sums = torch.zeros(4, dtype=torch.float64)
+    for rank in range(2):
+        data = WebDatasetDataModule(
+            train_shards=shards, val_shards=val_shards, batch_size=8, num_workers=0, rank=rank, world_size=2,
+            image_size=model.image_size, context_length=model.context_length,
+        )  # fmt: skip
+        for images, tokens, _ in data.val_dataloader():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # trainer.precision bf16-mixed
+                out = model(images, tokens)
+                loss = ContrastiveLoss(gather=False)(out.image_embeds, out.text_embeds, out.logit_scale)
+            n = images.shape[0]
+            per_batch = (loss.loss, loss.image_to_text_accuracy, loss.text_to_image_accuracy)
+            sums += torch.tensor([*(v.item() * n for v in per_batch), n], dtype=torch.float64)
+    assert logged["val/samples"] == sums[3] == 22
+    assert logged["val/loss"] == pytest.approx(float(sums[0] / sums[3]), abs=1e-5)
+    assert logged["val/image_to_text_accuracy"] == pytest.approx(float(sums[1] / sums[3]), abs=1e-6)
+    assert logged["val/text_to_image_accuracy"] == pytest.approx(float(sums[2] / sums[3]), abs=1e-6)
 
 
 @pytest.mark.slow

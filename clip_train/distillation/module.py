@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,6 +66,9 @@ class DistillationModule(CLIPTrainingModule):
     # The step reads the student's towers and temperature outside the model's forward pass, where FSDP and
     # ZeRO-3 hold only shards of them; distillation runs under DDP (trainer=gpu).
     runs_under_sharded_strategies = False
+    # Validation (the contrastive loss on data.val_shards) is the parent's; the distillation loss takes
+    # other inputs, so a student is evaluated with clip_train.distillation.report instead.
+    validation_step = pl.LightningModule.validation_step
 
     def __init__(
         self,

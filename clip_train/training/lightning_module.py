@@ -239,6 +239,48 @@ class CLIPTrainingModule(pl.LightningModule):
             stacklevel=2,
         )
 
+    # ------------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Loss and in-batch accuracies on the validation shards (`data.val_shards`), each batch against
+        itself: ranks hold different numbers of validation batches, so nothing is gathered per batch (a
+        rank without a partner would wait forever); sums are reduced over ranks once, at the end."""
+        images, tokens = batch[0], batch[1]
+        encoded = self.model(images, tokens)
+        gather, self.loss.gather = self.loss.gather, False
+        try:  # forward, not __call__: see forward_backward
+            output = self.loss.forward(
+                encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias
+            )
+        finally:
+            self.loss.gather = gather
+        n = images.shape[0]
+        per_batch = (output.loss, output.image_to_text_accuracy, output.text_to_image_accuracy)
+        self._val_sums += torch.stack(
+            [*(v.detach().double() * n for v in per_batch), self._val_sums.new_tensor(n)]
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        samples = float(sums[3])
+        if samples == 0:
+            return
+        metrics = dict(
+            zip(
+                ("val/loss", "val/image_to_text_accuracy", "val/text_to_image_accuracy"),
+                (sums[:3] / samples).tolist(),
+                strict=True,
+            )
+        )
+        metrics["val/samples"] = samples
+        # Already reduced over ranks: straight to the loggers (self.log would ask for another reduction).
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
     def _log_step(self, output, local_batch: int) -> None:
         elapsed = time.perf_counter() - self._step_start
         world = self.trainer.world_size
