@@ -417,3 +417,21 @@ def test_local_processes_and_submitit_array_match(slow_table, tmp_path: Path) ->
     assert cli_main(args) == 0
     assert shard_contents(array) == shard_contents(reference)
     assert (array / "_submitit").is_dir()
+
+
+@pytest.mark.slow
+def test_a_submitit_array_counts_this_runs_rows_and_successes(tmp_path: Path, capsys) -> None:
+    """Array tasks report nothing until they end; the launcher counts from the parts they finish. On a retry
+    only the rows fetched again count, and only those that now succeed (2 of 3 here)."""
+    with FaultServer() as server:
+        urls = [server.url(f"/img/{i}.jpg") for i in range(14)]
+        urls[2], urls[12] = server.url("/flaky/100.jpg"), server.url("/flaky/101.jpg")
+        urls[5] = server.url("/status/404")
+        table = write_urls(tmp_path / "in.parquet", urls)
+        out = tmp_path / "out"
+        array = ("--submitit-local", "--slurm-array-size", "2", "--no-progress")
+        assert cli_main(common_args(table, out, *array)) == 0
+        assert "downloaded 11/14 rows into 2 part(s)" in capsys.readouterr().out
+        server.httpd.flaky_ok = True
+        assert cli_main(common_args(table, out, *array, "--retry-failed")) == 0
+        assert "downloaded 2/3 rows into 2 part(s)" in capsys.readouterr().out

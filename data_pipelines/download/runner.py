@@ -509,11 +509,13 @@ def _run_submitit(
         options.setdefault("cpus_per_task", max(1, config.processes))
     executor.update_parameters(**options)
     splits = [jobs[t::num_tasks] for t in range(num_tasks)]
+    progress = _PartProgress(plan, jobs, bar)
     submitted = executor.map_array(slurm_task, [config] * num_tasks, [plan] * num_tasks, splits)
     print(f"submitted {len(submitted)} array task(s): {submitted[0].job_id.split('_')[0]}; logs in {folder}")
     errors = []
     remaining = dict(enumerate(submitted))
     while remaining:
+        progress.poll()
         for t, job in list(remaining.items()):
             if job.done():
                 del remaining[t]
@@ -521,9 +523,47 @@ def _run_submitit(
                     job.result()
                 except Exception as e:
                     errors.append(f"array task {t}: {e}")
-                bar.update(sum(_job_rows(plan, j) for j in splits[t]), 0)
-        time.sleep(0.5)
+                progress.poll(finished=[j.index for j in splits[t]])
+        time.sleep(1.0)
     return errors
+
+
+class _PartProgress:
+    """Progress of array tasks, read from the parts they finish: a part's stats file is written last, so a
+    new one (other than the one there at submission) means the part is done, with its success count.
+
+    Array tasks run on other machines and report nothing back until they end, hours later; without this
+    the bar would stand still until then. A retried part's successes before the retry are subtracted, so
+    the count is this run's. Stats files are compared by modification time and size as found at submission,
+    not against this machine's clock (a shared file system's clock may differ)."""
+
+    def __init__(self, plan: Plan, jobs: list[PartJob], bar: _Bar) -> None:
+        self.plan, self.bar = plan, bar
+        self.pending = {j.index: j for j in jobs}
+        self.found_at_submission = {j.index: self._signature(j.index) for j in jobs}
+        self.successes_before = {
+            j.index: (plan.part_stats(j.index) or {}).get("successes", 0) for j in jobs if j.rows is not None
+        }
+
+    def _signature(self, index: int) -> tuple[int, int] | None:
+        try:
+            st = self.plan.part_paths(index)[2].stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def poll(self, finished: Sequence[int] = ()) -> None:
+        """Advance the bar by the parts done since the last poll; `finished`: parts of an array task that
+        has ended, counted now even if it wrote no stats (it failed), with no successes then."""
+        ended = set(finished)
+        for index in list(self.pending):
+            new = self._signature(index) not in (None, self.found_at_submission[index])
+            stats = self.plan.part_stats(index) if new else None
+            if stats is None and index not in ended:
+                continue  # not done (or its stats are being written)
+            job = self.pending.pop(index)
+            ok = 0 if stats is None else stats["successes"] - self.successes_before.get(index, 0)
+            self.bar.update(_job_rows(self.plan, job), max(ok, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -625,11 +665,6 @@ def run_download(
     incomplete = plan.pending_parts()
     written = {j.index for j in jobs} - set(incomplete)
     successes = bar.ok
-    if submitit_options:  # array tasks report no per-row progress: count from the parts' parquets
-        successes = sum(
-            pq.read_table(plan.part_paths(i)[1], columns=["status"]).column("status").to_pylist().count(OK)
-            for i in written
-        )
     manifest = None
     if not incomplete:
         result = pack(plan, config.samples_per_shard, manifest_extra={"input": plan.input}, progress=progress)
@@ -647,7 +682,7 @@ def run_download(
         plan,
         manifest,
         parts_written=len(written),
-        rows=bar.done if not submitit_options else total_rows,
+        rows=bar.done,
         successes=successes,
         seconds=time.monotonic() - start,
         incomplete_parts=incomplete,
