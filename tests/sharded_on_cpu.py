@@ -20,6 +20,8 @@ from lightning_fabric.utilities.seed import reset_seed
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
+from clip_train.training.sharding import ValidatingDeepSpeedStrategy
+
 
 @contextlib.contextmanager
 def _full_state_dict_without_offload(module: nn.Module, world_size: int, rank0_only: bool = True) -> Iterator:
@@ -60,7 +62,7 @@ class FSDPOnCPU(FSDPStrategy):
             yield
 
 
-class DeepSpeedOnCPU(DeepSpeedStrategy):
+class DeepSpeedOnCPU(ValidatingDeepSpeedStrategy):
     runs_on_cpu = True  # read by clip_train.train.check_hardware
 
     def setup_environment(self) -> None:

@@ -12,7 +12,10 @@ spoiled a GPU run just the same:
   model itself, one FSDP unit per residual block (training/sharding.py, wrap_for_fsdp);
 - ZeRO-3: the loss module's hooks asserted in the backward pass ("active_backward_submodules is empty");
 - ZeRO-3: the temperature's gradient was dropped at every step (CLIPOutput was a dataclass, which ZeRO-3's
-  output hooks do not look into): the loss followed DDP's, the temperature stayed where it started.
+  output hooks do not look into): the loss followed DDP's, the temperature stayed where it started;
+- FSDP and ZeRO-3: validation hung when ranks ran different numbers of batches (each sharded forward pass
+  gathers parameters from all ranks, even inside full_parameters); it and the evaluation callback, which
+  gathered parameters the same way, now run a plain copy of the model.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ STEPS = 4
 
 
 def _train(root: Path, shards: str, colours: Path, run_name: str, steps: int, *trainer: str) -> str:
+    val = shards.replace("{000000..000003}", "{000000..000002}")  # three of the training shards
     args = [
         f"data.train_shards='{shards}'", "data.num_workers=1", f"paths.root_dir={root}",
         f"run_name={run_name}", "model=vit_tiny", "global_batch_size=16", "scheduler.warmup_steps=3",
@@ -49,8 +53,11 @@ def _train(root: Path, shards: str, colours: Path, run_name: str, steps: int, *t
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
         f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "logger.0.flush_logs_every_n_steps=1",
         "callbacks=zero_shot_eval", "callbacks.zero_shot_eval.every_n_steps=2", "~callbacks.progress",
+        # 9 images in batches of 2: rank 0 runs 3 batches, rank 1 2 (an uneven split must not hang).
+        "callbacks.zero_shot_eval.batch_size=2",
         f"callbacks.zero_shot_eval.zero_shot=[{{name:colours,imagefolder:'{colours}',templates:single}}]",
-        "callbacks.checkpoint.every_n_train_steps=2", *trainer,
+        "callbacks.checkpoint.every_n_train_steps=2", f"data.val_shards='{val}'",
+        "trainer.val_check_interval=2", *trainer,
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -72,7 +79,7 @@ def runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """DDP for STEPS steps; every sharded strategy for half of them, then again from its checkpoint."""
     root = tmp_path_factory.mktemp("sharded_lightning")
     shards = write_crawler_shards(root / "shards", [24, 24, 24, 24], image_size=40)
-    colours = write_colour_folder(root / "colours", per_class=2)
+    colours = write_colour_folder(root / "colours", per_class=3)
     logs = {"ddp": _train(root, shards, colours, "ddp", STEPS, "trainer=ddp_cpu")}
     for trainer, target in STRATEGIES.items():
         # With gradient checkpointing, which is exact: the trajectory must still be DDP's.
@@ -106,6 +113,12 @@ def test_a_sharded_strategy_trains_like_ddp_across_a_restart(runs, trainer):
     assert sorted(evaluated) == sorted(s for s, m in expected.items() if "eval/colours/zero_shot_top1" in m)
     for step, metrics in evaluated.items():
         assert metrics["eval/colours/zero_shot_top1"] == expected[step]["eval/colours/zero_shot_top1"]
+    # Validation (every 2 steps) on the sharded model: DDP's losses on the same held-out samples.
+    validated = sorted(s for s, m in actual.items() if "val/loss" in m)
+    assert validated == [2, 4] == sorted(s for s, m in expected.items() if "val/loss" in m)
+    for step in validated:
+        assert actual[step]["val/samples"] == expected[step]["val/samples"] == 72
+        assert actual[step]["val/loss"] == pytest.approx(expected[step]["val/loss"], abs=1e-5), step
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ from clip_train.evaluation.embedding import tokenizer_for
 from clip_train.evaluation.retrieval import evaluate_retrieval
 from clip_train.evaluation.templates import check_templates, load_classnames, load_templates
 from clip_train.evaluation.zero_shot import evaluate_zero_shot
-from clip_train.training.sharding import full_parameters
+from clip_train.training.sharding import unsharded_model
 
 
 @dataclass
@@ -173,25 +173,29 @@ class EvaluationCallback(pl.Callback):
         """Run every evaluation set on every rank; log and return the metrics (the same on every rank)."""
         started = time.perf_counter()
         self._last_step = trainer.global_step
-        model = _clip(pl_module)
+        trained = _clip(pl_module)
         rank, world = trainer.global_rank, trainer.world_size
 
         def all_gather(tensor: torch.Tensor) -> torch.Tensor:
             return trainer.strategy.all_gather(tensor)  # (world, *shape)
 
-        common = {
-            "tokenizer": tokenizer_for(model),
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "rank": rank,
-            "world": world,
-            "all_gather": all_gather,
-        }
         metrics: dict[str, float] = {}
-        was_training = model.training
-        model.eval()
+        was_training = trained.training
         try:
-            with torch.no_grad(), _precision_context(trainer), full_parameters(trainer.strategy, model):
+            with (
+                torch.no_grad(),
+                _precision_context(trainer),
+                unsharded_model(trainer.strategy, trained) as model,
+            ):
+                model.eval()
+                common = {
+                    "tokenizer": tokenizer_for(model),
+                    "batch_size": self.batch_size,
+                    "num_workers": self.num_workers,
+                    "rank": rank,
+                    "world": world,
+                    "all_gather": all_gather,
+                }
                 for zs in self.zero_shot_sets:
                     result = evaluate_zero_shot(model, zs.dataset, zs.templates, **common)
                     key = f"{self.prefix}/{zs.name}"
@@ -204,7 +208,7 @@ class EvaluationCallback(pl.Callback):
                     metrics |= {f"{key}/image_to_text_R@{k}": v for k, v in scores.image_to_text.items()}
                     metrics |= {f"{key}/text_to_image_R@{k}": v for k, v in scores.text_to_image.items()}
         finally:
-            model.train(was_training)
+            trained.train(was_training)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

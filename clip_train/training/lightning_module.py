@@ -8,10 +8,10 @@ steps behave the same on one process and under data parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
@@ -22,9 +22,12 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from clip_train.training.gradient_cache import gradient_cached_step
 from clip_train.training.optim import decayed_parameter_names, parameter_groups
 from clip_train.training.sharding import (
+    ValidatingDeepSpeedStrategy,
     clamp_master_copy_,
+    deepspeed_stage,
     is_sharded,
     promote_scalar_parameters,
+    unsharded_model,
     wrap_for_fsdp,
 )
 
@@ -180,7 +183,7 @@ class CLIPTrainingModule(pl.LightningModule):
                 tokens,
                 self.micro_batch_size,
                 backward=self.manual_backward,
-                no_sync=getattr(self.trainer.strategy, "block_backward_sync", nullcontext),
+                no_sync=getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext),
             )
         encoded = self.model(images, tokens)
         self._last_logit_scale = encoded.logit_scale.detach()
@@ -241,15 +244,26 @@ class CLIPTrainingModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
+        strategy = self.trainer.strategy
+        if deepspeed_stage(strategy) == 3 and not isinstance(strategy, ValidatingDeepSpeedStrategy):
+            raise TypeError(
+                f"{type(strategy).__name__} calls each validation step through the DeepSpeed engine, whose "
+                "ZeRO-3 hooks would leave ranks with more validation batches waiting forever; use "
+                "trainer=deepspeed_zero3 (clip_train.training.sharding.ValidatingDeepSpeedStrategy)"
+            )
         self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        # Ranks hold different numbers of validation batches; under FSDP and ZeRO-3 that needs a copy of
+        # the model that runs without collectives (see unsharded_model).
+        self._val_model_context = unsharded_model(self.trainer.strategy, self.model)
+        self._val_model = self._val_model_context.__enter__().eval()
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx: int) -> None:
         """Loss and in-batch accuracies on the validation shards (`data.val_shards`), each batch against
-        itself: ranks hold different numbers of validation batches, so nothing is gathered per batch (a
-        rank without a partner would wait forever); sums are reduced over ranks once, at the end."""
+        itself: ranks hold different numbers of validation batches, so nothing is gathered per batch;
+        sums are reduced over ranks once, at the end."""
         images, tokens = batch[0], batch[1]
-        encoded = self.model(images, tokens)
+        encoded = self._val_model(images, tokens)
         gather, self.loss.gather = self.loss.gather, False
         try:  # forward, not __call__: see forward_backward
             output = self.loss.forward(
@@ -264,6 +278,8 @@ class CLIPTrainingModule(pl.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
+        self._val_model_context.__exit__(None, None, None)
+        del self._val_model, self._val_model_context
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         samples = float(sums[3])
         if samples == 0:

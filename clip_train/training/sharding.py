@@ -9,6 +9,7 @@ training module wraps the model itself (`wrap_for_fsdp`) rather than letting Lig
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from clip_train.models.modified_resnet import Bottleneck
 from clip_train.models.transformer import ResidualAttentionBlock
+from clip_train.training.optim import unwrapped_name
 
 SHARDED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy)
 
@@ -43,6 +45,21 @@ def promote_scalar_parameters(module: nn.Module) -> list[str]:
             param.data = param.data.reshape(1)
             names.append(name)
     return names
+
+
+class ValidatingDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, with the validation step called directly rather than through the
+    engine's forward pass (the trainer=deepspeed_zero* configs use it).
+
+    Validation runs a plain copy of the model (`unsharded_model`), as ranks hold different numbers of
+    validation batches. Lightning would still route each validation step through the engine's forward,
+    where ZeRO-3's hooks gather parameters from all ranks: the rank with more batches then waits forever
+    (seen on CPU processes)."""
+
+    def validation_step(self, *args, **kwargs):
+        assert self.lightning_module is not None
+        with self.precision_plugin.val_step_context():
+            return self.lightning_module.validation_step(*args, **kwargs)
 
 
 # The modules FSDP shards as units of their own: each residual block of either tower. One unit for the whole
@@ -82,6 +99,43 @@ def full_parameters(strategy: Strategy, module: nn.Module) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def shards_parameters(strategy: Strategy) -> bool:
+    """Whether parameters live sharded between forward passes: FSDP and DeepSpeed ZeRO stage 3."""
+    return isinstance(strategy, FSDPStrategy) or deepspeed_stage(strategy) == 3
+
+
+@contextlib.contextmanager
+def unsharded_model(strategy: Strategy, model: nn.Module) -> Iterator[nn.Module]:
+    """The CLIP model to run outside training (evaluation, validation): `model` itself without wrappers,
+    or, where the strategy shards parameters, a plain copy of it holding the full parameters.
+
+    Under FSDP and ZeRO-3 every forward pass of the sharded model gathers parameters from all ranks (FSDP's
+    units and ZeRO-3's hooks do so even inside `full_parameters`), so ranks running different numbers of
+    batches, as evaluation and validation do when their sets split unevenly, would wait on each other
+    forever (seen on CPU processes). The copy runs with no collective at all; it costs one more full copy
+    of the model on each rank while it lives."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    bare = getattr(model, "_orig_mod", model)
+    if isinstance(bare, FullyShardedDataParallel):
+        bare = bare.module
+    if not shards_parameters(strategy):
+        yield bare
+        return
+    with torch.device(strategy.root_device):
+        plain = type(bare)(bare.config).train(bare.training)
+    with full_parameters(strategy, model), torch.no_grad():
+        whole = {
+            unwrapped_name(n): t for n, t in itertools.chain(bare.named_parameters(), bare.named_buffers())
+        }
+        for name, target in itertools.chain(plain.named_parameters(), plain.named_buffers()):
+            target.copy_(whole[name].reshape(target.shape))  # reshape: promoted scalars back to 0-dim
+    try:
+        yield plain
+    finally:
+        del plain
 
 
 def deepspeed_stage(strategy: Strategy) -> int | None:
