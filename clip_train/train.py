@@ -30,7 +30,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
 
-from clip_train.training.sharding import is_sharded, is_sharded_class
+from clip_train.training.sharding import (
+    ValidatingDeepSpeedStrategy,
+    deepspeed_stage,
+    is_sharded,
+    is_sharded_class,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("clip_train")
@@ -226,6 +231,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             f"micro_batch_size={cfg.micro_batch_size} must lie in [1, per-rank batch {batch_size}]"
         )
     strategy = build_strategy(cfg)
+    validating = bool(cfg.data.get("val_shards"))
+    if (
+        validating
+        and deepspeed_stage(strategy) == 3
+        and not isinstance(strategy, ValidatingDeepSpeedStrategy)
+    ):
+        raise ConfigError(
+            "validation (data.val_shards) under ZeRO-3 needs the trainer=deepspeed_zero3 strategy class "
+            f"(ValidatingDeepSpeedStrategy), not {type(strategy).__name__}: Lightning's would run each "
+            "validation step through the engine, and ranks with more batches would wait forever"
+        )
     if cfg.micro_batch_size is not None and cfg.micro_batch_size < batch_size and is_sharded(strategy):
         raise ConfigError(
             f"micro_batch_size={cfg.micro_batch_size} (exact gradient caching) runs under DDP only: it reads "

@@ -79,3 +79,9 @@ class DeepSpeedOnCPU(ValidatingDeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+
+class LightningDeepSpeedOnCPU(DeepSpeedStrategy):
+    """Lightning's own DeepSpeedStrategy, marked as running on CPU: for the check that refuses it."""
+
+    runs_on_cpu = True

@@ -189,3 +189,18 @@ def test_only_a_strategy_that_says_it_runs_on_cpu_escapes_the_cuda_check():
         check_hardware(
             cfg("trainer=fsdp", "trainer.strategy._target_=pytorch_lightning.strategies.NoSuchStrategy")
         )
+
+
+def test_validation_under_lightnings_own_zero3_strategy_is_refused_before_training():
+    from hydra import compose, initialize_config_dir
+
+    from clip_train.train import train
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "data.train_shards=x", "data.val_shards=y", "trainer=deepspeed_zero3", "trainer.accelerator=cpu",
+            # Lightning's class, with the CPU refusal lifted as in sharded_on_cpu (not our validating one).
+            "trainer.strategy._target_=sharded_on_cpu.LightningDeepSpeedOnCPU",
+        ])  # fmt: skip
+    with pytest.raises(ConfigError, match="needs the trainer=deepspeed_zero3 strategy class"):
+        train(cfg)

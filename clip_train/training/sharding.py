@@ -1,9 +1,10 @@
 """What training under the sharded strategies (DeepSpeed ZeRO, FSDP) needs beyond DDP.
 
 Three things differ from DDP: the strategies refuse 0-dim parameters; outside the wrapped module's own
-forward pass a parameter may hold only this rank's shard (FSDP, ZeRO-3), so code that reads the model
-outside that forward (the evaluation callback) gathers the full parameters first; and under FSDP the
-training module wraps the model itself (`wrap_for_fsdp`) rather than letting Lightning wrap the module.
+forward pass a parameter may hold only this rank's shard (FSDP, ZeRO-3), and every forward pass gathers
+the shards from all ranks, so evaluation and validation, whose batch counts differ between ranks, run a
+plain copy of the model (`unsharded_model`); and under FSDP the training module wraps the model itself
+(`wrap_for_fsdp`) rather than letting Lightning wrap the module.
 """
 
 from __future__ import annotations
@@ -132,10 +133,7 @@ def unsharded_model(strategy: Strategy, model: nn.Module) -> Iterator[nn.Module]
         }
         for name, target in itertools.chain(plain.named_parameters(), plain.named_buffers()):
             target.copy_(whole[name].reshape(target.shape))  # reshape: promoted scalars back to 0-dim
-    try:
-        yield plain
-    finally:
-        del plain
+    yield plain
 
 
 def deepspeed_stage(strategy: Strategy) -> int | None:

@@ -3,9 +3,9 @@
 #   1. scripts/bench/bench_training_gpu.py: ViT-B/32 bf16 samples/s, MFU and peak memory, plain at 256 per
 #      GPU and gradient-cached at a 32,768 batch;
 #   2. `python -m clip_train` for a few dozen steps of ViT-B/32 in bf16 under each GPU strategy config
-#      (trainer=gpu, deepspeed_zero1, deepspeed_zero2, deepspeed_zero3, fsdp), on small synthetic shards;
-#      gradient caching (micro_batch_size) under DDP; a ZeRO-2 rerun that must resume
-#      from the first run's last checkpoint.
+#      (trainer=gpu, deepspeed_zero1, deepspeed_zero2, deepspeed_zero3, fsdp), on small synthetic shards,
+#      validating every 15 steps on three of them (uneven over ranks where there are several); gradient caching (micro_batch_size)
+#      under DDP; ZeRO-2 and FSDP reruns that must resume from the first runs' last checkpoints.
 # Each training run's log and metrics.csv land in OUT_DIR; a summary table is printed at the end.
 #
 #   bash scripts/tools/gpu_checks.sh [OUT_DIR]        # default: gpu_checks/
@@ -20,6 +20,7 @@ mkdir -p "$OUT_DIR"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 CLIP_TRAIN_ROOT="$OUT_DIR/root" HYDRA_FULL_ERROR=1
 SHARDS="$CLIP_TRAIN_ROOT/shards"
+VAL_SHARDS="$SHARDS/shard-{000000..000002}.tar"  # three of the 16: ranks would hold uneven counts
 declare -a RESULTS
 
 elapsed() { echo $(($(date +%s) - START)); }
@@ -52,6 +53,7 @@ train() {
   timeout 150 $PY -m clip_train model=vit_b32 logger=csv "~callbacks.progress" ++trainer.enable_progress_bar=false run_name="$name" \
     global_batch_size=256 data.train_shards="$SHARDS" data.num_workers=8 \
     trainer.max_steps=30 trainer.log_every_n_steps=5 callbacks.checkpoint.every_n_train_steps=30 \
+    data.val_shards="$VAL_SHARDS" trainer.val_check_interval=15 \
     "$@" >"$OUT_DIR/$tag.log" 2>&1
   local rc=$?
   local run_dir="$CLIP_TRAIN_ROOT/runs/$name"
@@ -60,9 +62,11 @@ train() {
   local last; last=$($PY - "$OUT_DIR/$tag.metrics.csv" <<'EOF'
 import csv, sys
 try:
-    rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get("train/loss")]
+    table = list(csv.DictReader(open(sys.argv[1])))
+    rows = [r for r in table if r.get("train/loss")]
+    val = [f"{int(r['step'])}: {float(r['val/loss']):.3f}" for r in table if r.get("val/loss")]
     r = rows[-1]
-    print(f"step {r.get('step')} loss {float(r['train/loss']):.3f} samples/s {float(r['train/samples_per_second']):.0f}")
+    print(f"step {r.get('step')} loss {float(r['train/loss']):.3f} samples/s {float(r['train/samples_per_second']):.0f}; val/loss {', '.join(val) or 'none'}")
 except Exception as e:  # no metrics: the log says why
     print(f"no metrics ({type(e).__name__})")
 EOF
@@ -77,7 +81,8 @@ train fsdp fsdp trainer=fsdp
 train zero1 zero1 trainer=deepspeed_zero1
 # Resume: the same run name with a later max_steps continues from zero2's last checkpoint (step 30).
 train zero2_resumed zero2 trainer=deepspeed_zero2 trainer.max_steps=45
-grep -h -i "resuming from\|starting fresh" "$OUT_DIR/zero2_resumed.log" | head -2
+train fsdp_resumed fsdp trainer=fsdp trainer.max_steps=45
+grep -h -i "resuming from\|starting fresh" "$OUT_DIR/zero2_resumed.log" "$OUT_DIR/fsdp_resumed.log" | head -4
 train ddp_gpu ddp_gpu trainer=gpu
 train ddp_gpu_gradcache ddp_gpu_gradcache trainer=gpu micro_batch_size=64
 # Gradient caching under DeepSpeed or FSDP is refused before any work (see clip_train/train.py).
