@@ -271,8 +271,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
+    # Without validation shards, no validation loop at all (Lightning would warn about an empty loader).
+    no_validation = {} if validating else {"limit_val_batches": 0}
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False
+        cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False, **no_validation
     )
 
     ckpt = resume_checkpoint(cfg)
