@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,9 @@ class NonFiniteInputError(ValueError):
     """An embedding, the logit scale or the logit bias holds NaN or infinity."""
 
 
-@dataclass
-class ContrastiveLossOutput:
-    """What a loss returns.
+class ContrastiveLossOutput(NamedTuple):
+    """What a loss returns (a named tuple: DeepSpeed ZeRO-3 hooks the tensors of a module's output and looks
+    inside tuples only, as for CLIPOutput).
 
     Attributes:
         loss: scalar, mean over this rank's rows (see the module docstring), differentiable.

@@ -10,7 +10,8 @@ spoiled a GPU run just the same:
 - FSDP: Lightning wrapped the whole LightningModule and ran the training step inside FSDP's forward, where
   our manual backward is refused ("Expects BACKWARD_PRE or BACKWARD_POST state"); the module now wraps the
   model itself, one FSDP unit per residual block (training/sharding.py, wrap_for_fsdp);
-- ZeRO-3: the loss module's hooks asserted in the backward pass ("active_backward_submodules is empty");
+- ZeRO-3: the loss module's hooks asserted in the backward pass ("active_backward_submodules is empty"): its
+  output was a dataclass, like CLIPOutput below; both are named tuples now;
 - ZeRO-3: the temperature's gradient was dropped at every step (CLIPOutput was a dataclass, which ZeRO-3's
   output hooks do not look into): the loss followed DDP's, the temperature stayed where it started;
 - FSDP and ZeRO-3: validation hung when ranks ran different numbers of batches (each sharded forward pass

@@ -187,12 +187,7 @@ class CLIPTrainingModule(pl.LightningModule):
             )
         encoded = self.model(images, tokens)
         self._last_logit_scale = encoded.logit_scale.detach()
-        # forward, not __call__: the loss has no parameters, and under ZeRO-3 DeepSpeed's hooks on every
-        # submodule would hook its inputs for the backward pass without seeing through its output (a
-        # dataclass), and assert in that backward ("active_backward_submodules is empty").
-        output = self.loss.forward(
-            encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias
-        )
+        output = self.loss(encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias)
         # Back-propagate even a non-finite loss: every rank must take part in the gradient all-reduce.
         self.manual_backward(output.loss)
         return output
@@ -265,8 +260,8 @@ class CLIPTrainingModule(pl.LightningModule):
         images, tokens = batch[0], batch[1]
         encoded = self._val_model(images, tokens)
         gather, self.loss.gather = self.loss.gather, False
-        try:  # forward, not __call__: see forward_backward
-            output = self.loss.forward(
+        try:
+            output = self.loss(
                 encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias
             )
         finally:
