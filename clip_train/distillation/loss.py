@@ -19,13 +19,13 @@ batch. PicCollage distilled CLIP ViT-B/32 with T = 4 for the first epochs, then 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clip_train.losses import ContrastiveLoss, ContrastiveLossOutput
+from clip_train.losses import ContrastiveLoss
 
 
 class EmbeddingSizeError(ValueError):
@@ -99,10 +99,13 @@ def embedding_l1(student: Tensor, teacher: Tensor) -> Tensor:
     return (student.float() - teacher.float()).abs().sum(dim=1).mean()
 
 
-@dataclass
-class DistillationLossOutput(ContrastiveLossOutput):
-    """`ContrastiveLossOutput` (loss and the student's in-batch top-1 accuracies) plus the loss's parts."""
+class DistillationLossOutput(NamedTuple):
+    """`ContrastiveLossOutput`'s fields (loss and the student's in-batch top-1 accuracies) plus the loss's
+    parts; a named tuple like it (a named tuple cannot extend another with fields)."""
 
+    loss: Tensor
+    image_to_text_accuracy: Tensor
+    text_to_image_accuracy: Tensor
     kl: Tensor
     l1: Tensor
     contrastive: Tensor

@@ -118,5 +118,4 @@ def gradient_cached_step(
             backward(surrogate)
     after_pass_1.restore(device)  # leave the generator where a single forward pass would have left it
 
-    output.loss = output.loss.detach()
-    return output
+    return output._replace(loss=output.loss.detach())
