@@ -22,9 +22,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from clip_train.training.gradient_cache import gradient_cached_step
 from clip_train.training.optim import decayed_parameter_names, parameter_groups
 from clip_train.training.sharding import (
-    ValidatingDeepSpeedStrategy,
     clamp_master_copy_,
-    deepspeed_stage,
     is_sharded,
     promote_scalar_parameters,
     unsharded_model,
@@ -239,18 +237,15 @@ class CLIPTrainingModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        strategy = self.trainer.strategy
-        if deepspeed_stage(strategy) == 3 and not isinstance(strategy, ValidatingDeepSpeedStrategy):
-            raise TypeError(
-                f"{type(strategy).__name__} calls each validation step through the DeepSpeed engine, whose "
-                "ZeRO-3 hooks would leave ranks with more validation batches waiting forever; use "
-                "trainer=deepspeed_zero3 (clip_train.training.sharding.ValidatingDeepSpeedStrategy)"
-            )
         self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         # Ranks hold different numbers of validation batches; under FSDP and ZeRO-3 that needs a copy of
-        # the model that runs without collectives (see unsharded_model).
-        self._val_model_context = unsharded_model(self.trainer.strategy, self.model)
-        self._val_model = self._val_model_context.__enter__().eval()
+        # the model that runs without collectives (see unsharded_model). (train.py refuses Lightning's own
+        # DeepSpeed class here: it would call each step through the engine.)
+        self._val_resources = contextlib.ExitStack()
+        self._val_model = self._val_resources.enter_context(
+            unsharded_model(self.trainer.strategy, self.model)
+        )
+        self._val_model.eval()
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -273,8 +268,8 @@ class CLIPTrainingModule(pl.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        self._val_model_context.__exit__(None, None, None)
-        del self._val_model, self._val_model_context
+        self._val_resources.close()
+        del self._val_model
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         samples = float(sums[3])
         if samples == 0:
