@@ -221,11 +221,11 @@ class EvaluationCallback(pl.Callback):
 
 
 def _clip(pl_module: pl.LightningModule) -> Any:
-    """The CLIP model inside the training module (unwrapped from torch.compile)."""
+    """The CLIP model inside the training module, as trained (unsharded_model takes off its wrappers)."""
     model = getattr(pl_module, "model", None)
     if model is None:
         raise TypeError(f"{type(pl_module).__name__} has no `.model` (a CLIP) to evaluate")
-    return getattr(model, "_orig_mod", model)
+    return model
 
 
 def _precision_context(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
