@@ -34,7 +34,7 @@ from eval_support import write_colour_folder
 
 from clip_train.checkpoints import CheckpointError, load_model
 from clip_train.train import CONFIG_DIR, ConfigError, check_hardware
-from clip_train.training.csv_logger import read_metrics
+from clip_train.training.loggers import read_metrics
 
 TESTS = Path(__file__).resolve().parent
 STRATEGIES = {

@@ -34,8 +34,8 @@ from clip_train.train import (
     train,
     world_size,
 )
-from clip_train.training.csv_logger import read_metrics
 from clip_train.training.lightning_module import CLIPTrainingModule, NonFiniteLossError
+from clip_train.training.loggers import read_metrics
 from clip_train.training.optim import warmup_cosine_schedule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -519,6 +519,37 @@ def test_two_cpu_processes_train_with_ddp(tmp_path):
     assert logged["val/loss"] == pytest.approx(float(sums[0] / sums[3]), abs=1e-5)
     assert logged["val/image_to_text_accuracy"] == pytest.approx(float(sums[1] / sums[3]), abs=1e-6)
     assert logged["val/text_to_image_accuracy"] == pytest.approx(float(sums[2] / sums[3]), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_tensorboard_curves_continue_across_a_restart_without_doubled_steps(tmp_path):
+    """Attempt 1 logs steps 0-3; attempt 2 resumes from a step-2 checkpoint and logs 2-3 again, as a run
+    killed after step 3 but checkpointed at step 2 would. TensorBoard must then show each step once, with
+    the second attempt's points."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shards = write_crawler_shards(tmp_path / "shards", [16, 16], image_size=40)
+    common = [a for a in _common(shards, tmp_path) if "logger.0" not in a and "max_epochs" not in a]
+    common += ["logger=tensorboard", "data.num_workers=0", "run_name=tb"]
+    checkpoints = tmp_path / "runs/tb/checkpoints"
+    started = {}
+    for attempt, steps in (("first", 2), ("first", 4), ("second", 4)):
+        if attempt == "second":  # back to the state at step 2
+            (checkpoints / "step-2.ckpt").replace(checkpoints / "last.ckpt")
+        started[attempt] = time.time()
+        proc = _run([*common, f"trainer.max_steps={steps}"], cwd=tmp_path)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        if steps == 2:
+            (checkpoints / "step-2.ckpt").write_bytes((checkpoints / "last.ckpt").read_bytes())
+    assert len(list((tmp_path / "runs/tb/tensorboard").glob("events.out.tfevents.*"))) == 3
+
+    events = EventAccumulator(str(tmp_path / "runs/tb/tensorboard"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [0, 1, 2, 3]
+    assert all(e.wall_time >= started["second"] for e in losses[2:])
+    assert all(e.wall_time < started["second"] for e in losses[:2])
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WIDTHS = (18, 11, 10, 14, 14, 10, 9)
 sys.path.insert(0, str(REPO_ROOT))
-from clip_train.training.csv_logger import read_metrics  # noqa: E402
+from clip_train.training.loggers import read_metrics  # noqa: E402
 
 
 def write_shards(folder: Path, shards: int, per_shard: int, size: int = 64) -> None:

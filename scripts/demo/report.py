@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from clip_train.evaluation.plots import plot_confusion_matrix, plot_image_grid
-from clip_train.training.csv_logger import read_metrics
+from clip_train.training.loggers import read_metrics
 
 
 def _save(fig: Figure, path: Path) -> Path:
