@@ -143,6 +143,27 @@ def test_resume_continues_exactly_where_it_stopped(uneven: str, num_workers: int
     assert resumed.corrupt_samples == dm.corrupt_samples > 0
 
 
+def test_workers_started_by_a_forkserver_give_the_same_batches(uneven: str) -> None:
+    """Everything a worker needs crosses a pickle: same batches, crops, position and corrupt count."""
+    kw = {"num_workers": 2, "batch_size": 3, "seed": 5}
+    forked = _dm(uneven, **kw)
+    expected = _run(forked)
+    started = _dm(uneven, worker_start_method="forkserver", **kw)
+    assert started._new_epoch_loader().multiprocessing_context.get_start_method() == "forkserver"
+    head = _run(started, stop=5)
+    resumed = _dm(uneven, worker_start_method="forkserver", **kw)
+    resumed.load_state_dict(started.state_dict())
+    actual = head + _run(resumed)
+    assert [k for k, _ in actual] == [k for k, _ in expected]
+    assert [c for _, c in actual] == pytest.approx([c for _, c in expected])
+    assert resumed.corrupt_samples == forked.corrupt_samples > 0
+
+
+def test_an_unknown_worker_start_method_is_refused(even: str) -> None:
+    with pytest.raises(ValueError, match="worker_start_method='forking' is not a start method"):
+        _dm(even, worker_start_method="forking")
+
+
 def test_resume_on_another_layout_warns_and_keeps_the_batch_count(uneven: str) -> None:
     first = _dm(uneven, num_workers=0, batch_size=3)
     _run(first, stop=4)

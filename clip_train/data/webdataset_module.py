@@ -26,6 +26,7 @@ int64 (B, context_length), and `info` a dict with "keys" (the samples' `__key__`
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import tarfile
 import warnings
@@ -359,6 +360,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
     resampled: draw shards with replacement (no need for more shards than ranks x workers).
     shuffle_buffer: samples per reader in the shuffle buffer (encoded bytes, ~30 KB each at 256 px).
     rank, world_size: default to torch.distributed's when initialised, else 0 and 1.
+    worker_start_method: how loader workers start: None (the platform's default, "fork" on Linux),
+        "forkserver" or "spawn". A worker forked from a process that already runs threads (NCCL, DeepSpeed,
+        OpenMP) can inherit a lock held by one of them and hang; the other two start clean processes, at
+        the cost of importing torch in each worker once per epoch.
 
     Batches are (images float32 (B, 3, H, W), tokens int64 (B, context_length), info dict with "keys");
     see the module docstring. `corrupt_samples` is the running count of skipped undecodable samples.
@@ -385,6 +390,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         world_size: int | None = None,
         pin_memory: bool | None = None,
         prefetch_factor: int = 2,
+        worker_start_method: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -393,6 +399,12 @@ class WebDatasetDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if train_num_samples is not None and train_num_samples < 0:
             raise ValueError(f"train_num_samples must be >= 0, got {train_num_samples}")
+        methods = multiprocessing.get_all_start_methods()
+        if worker_start_method is not None and worker_start_method not in methods:
+            raise ValueError(
+                f"worker_start_method={worker_start_method!r} is not a start method this platform has; "
+                f"use one of {methods}, or null for the default"
+            )
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.batch_size = batch_size
@@ -408,6 +420,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self._rank_arg, self._world_size_arg = rank, world_size
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
+        self.worker_start_method = worker_start_method
         self._ready = False
         self._pending_state: dict | None = None
         self._reset_position(epoch=0)
@@ -523,6 +536,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
             collate_fn=_identity,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            multiprocessing_context=self.worker_start_method if workers > 0 else None,
         )
 
     def _new_epoch_loader(self) -> DataLoader:
