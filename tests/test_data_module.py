@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from data_support import ToyTokenizer, write_crawler_shards, write_img2dataset_shards
 
-from clip_train.data import WebDatasetDataModule
+from clip_train.data import ShardError, WebDatasetDataModule
 
 
 def _dm(shards, **kw) -> WebDatasetDataModule:
@@ -78,6 +79,44 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     assert dm.corrupt_samples == 4
     _epoch(dm)
     assert dm.corrupt_samples == 8  # a running count over epochs
+
+
+def test_a_truncated_shard_is_warned_about_and_the_epoch_keeps_its_length(tmp_path: Path) -> None:
+    pattern = write_crawler_shards(tmp_path, [8, 8, 8, 8])
+    damaged = tmp_path / "shard-000002.tar"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a download cut short
+    dm = _dm(pattern)
+    with pytest.warns(UserWarning, match=r"skipping the rest of shard .*shard-000002\.tar"):
+        epoch = _epoch(dm)
+    assert len(epoch) == dm.batches_per_epoch == 8  # the reader refills from its other shards
+    keys = {k for batch in epoch for k in batch}
+    assert {k for k in keys if k.startswith("0002x")} and "0002x00007" not in keys
+
+
+@pytest.mark.timeout(60)  # without the limit the reader would cycle through its shard for ever
+def test_shards_of_anything_but_images_stop_the_run_with_an_error(tmp_path: Path) -> None:
+    import tarfile
+
+    with tarfile.open(tmp_path / "notes-000000.tar", "w") as tar:
+        for i in range(1001):  # one more than MAX_CONSECUTIVE_CORRUPT
+            body = f"note {i}".encode()
+            member = tarfile.TarInfo(f"{i:05d}.jpg")
+            member.size = len(body)
+            tar.addfile(member, io.BytesIO(body))
+    dm = _dm(str(tmp_path / "notes-000000.tar"), train_num_samples=8)
+    with pytest.raises(RuntimeError, match=r"1000 undecodable samples in a row .* not image-text WebDataset"):
+        _epoch(dm)
+
+
+def test_pipe_and_file_urls_read_the_same_samples(even: str, tmp_path: Path) -> None:
+    paths = sorted(Path(even.split("{")[0]).parent.glob("shard-*.tar"))
+    with pytest.raises(ShardError, match="train_num_samples"):  # no manifest to count a pipe's samples
+        _dm([f"pipe:cat {p}" for p in paths]).setup()
+    plain = _epoch(_dm(even))
+    assert _epoch(_dm([f"pipe:cat {p}" for p in paths], train_num_samples=32)) == plain
+    assert _epoch(_dm([f"file://{p}" for p in paths])) == plain
+    with pytest.raises(ShardError, match="1 of 4 shards not found"):
+        _dm([f"file://{p}" for p in paths[:3]] + [f"file://{tmp_path}/gone.tar"]).setup()
 
 
 @pytest.mark.parametrize(("num_workers", "resampled"), [(0, False), (2, False), (2, True)])
@@ -185,7 +224,6 @@ def test_validation_reads_each_sample_once_across_ranks(even: str) -> None:
 
 
 def test_default_tokenizer_is_clips(even: str) -> None:
-    pytest.importorskip("clip_train.tokenizer")
     dm = WebDatasetDataModule(even, batch_size=4, num_workers=0, image_size=32, shuffle_buffer=4)
     _, tokens, _ = next(iter(dm.train_dataloader()))
     assert tokens.shape == (4, 77) and tokens.dtype == torch.long

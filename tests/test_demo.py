@@ -92,7 +92,6 @@ def test_the_server_serves_the_rendered_scenes_and_the_faults_on_loopback():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-@pytest.mark.slow
 def _listening_socket() -> socket.socket:
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -109,6 +108,7 @@ def test_the_scene_website_takes_the_port_it_is_given_and_a_busy_one_is_detected
         assert server.base_url == f"http://127.0.0.1:{port}"
 
 
+@pytest.mark.slow
 def test_a_miniature_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     busy = _listening_socket()  # the demo's port is taken: it must fall back to a free one and say so

@@ -139,6 +139,22 @@ def test_side_files_of_another_teacher_are_refused(setup):
         load_side_files([str(root / "shards" / "shard-000009.tar")])
 
 
+def test_skipped_samples_are_counted_and_keys_must_be_unique_across_shards(setup, tmp_path, capsys):
+    _, _, teacher_path = setup
+    bad = write_crawler_shards(tmp_path / "a", [6], image_size=40, corrupt={"0000x00003"})
+    again = write_crawler_shards(tmp_path / "b", [6], image_size=40)  # the same keys as a's shard
+    assert precompute.main(["--teacher", str(teacher_path), "--shards", bad]) == 0
+    assert "5 samples (1 skipped)" in capsys.readouterr().out
+    assert precompute.main(["--teacher", str(teacher_path), "--shards", again]) == 0
+    bad, again = (pattern.replace("{000000..000000}", "000000") for pattern in (bad, again))
+    table = load_side_files([bad])
+    table.lookup(["0000x00002", "0000x00004"])
+    with pytest.raises(TeacherEmbeddingError, match="'0000x00003' has no teacher embedding"):
+        table.lookup(["0000x00002", "0000x00003"])
+    with pytest.raises(TeacherEmbeddingError, match="'0000x00000' occurs in two shards"):
+        load_side_files([bad, again])
+
+
 def test_different_embedding_sizes_need_a_projection(setup):
     _, shards, teacher_path = setup
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-3)

@@ -161,12 +161,10 @@ def vit_state() -> dict[str, torch.Tensor]:
 def test_missing_keys_are_listed(tmp_path: Path, vit_state: dict) -> None:
     del vit_state["visual.ln_post.bias"], vit_state["transformer.resblocks.1.mlp.c_fc.bias"]
     torch.save(vit_state, tmp_path / "m.pt")
-    with pytest.raises(
-        CheckpointError,
-        match=r"missing keys: transformer\.resblocks\.1\.mlp\.c_fc\.bias, "
-        r"visual\.ln_post\.bias|missing keys: visual\.ln_post\.bias",
-    ):
+    with pytest.raises(CheckpointError, match="missing keys: ") as refused:
         load_openai_checkpoint(tmp_path / "m.pt")
+    listed = str(refused.value).split("missing keys: ", 1)[1]
+    assert "visual.ln_post.bias" in listed and "transformer.resblocks.1.mlp.c_fc.bias" in listed
     with pytest.warns(UserWarning, match="2 missing keys keep their initial values"):
         model = load_openai_checkpoint(tmp_path / "m.pt", strict=False)
     assert torch.equal(model.visual.ln_pre.weight, vit_state["visual.ln_pre.weight"])

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from gloo_support import free_port, init_gloo
+from omegaconf import OmegaConf
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+from sharded_on_cpu import FSDPOnCPU
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -94,16 +96,18 @@ def test_siglip_bias_is_promoted_too():
 
 
 @pytest.mark.parametrize(
-    ("strategy", "promoted"), [(FSDPStrategy(), True), (DDPStrategy(), False), ("auto", False)]
+    ("make_strategy", "promoted"), [(FSDPOnCPU, True), (DDPStrategy, False), (lambda: "auto", False)]
 )
-def test_training_module_promotes_only_under_sharded_strategies(strategy, promoted):
+def test_training_module_promotes_only_under_sharded_strategies(make_strategy, promoted):
     model = build_model("vit-tiny")
     module = CLIPTrainingModule(model=model, loss=ContrastiveLoss(), optimizer=torch.optim.AdamW)
-    # configure_model reads only trainer.strategy; Lightning itself builds FSDP only with CUDA.
-    module._trainer = SimpleNamespace(strategy=strategy)
+    # Lightning builds its own FSDPStrategy only with CUDA; the test subclass lifts that refusal alone.
+    module.trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=make_strategy(), logger=False, enable_progress_bar=False
+    )
     module.configure_model()
     assert (model.logit_scale.shape == (1,)) is promoted
-    assert is_sharded(strategy) is promoted
+    assert is_sharded(module.trainer.strategy) is promoted
 
 
 def test_registered_strategy_names_are_recognised():
@@ -202,7 +206,7 @@ def test_fsdp_trains_the_promoted_model_and_its_checkpoint_loads(tmp_path):
 def test_a_deepspeed_checkpoint_directory_is_resumed(tmp_path):
     run_dir = tmp_path / "runs" / "zero2"
     (run_dir / "checkpoints" / "last.ckpt" / "checkpoint").mkdir(parents=True)
-    cfg = SimpleNamespace(resume=True, paths=SimpleNamespace(run_dir=str(run_dir)))
+    cfg = OmegaConf.create({"resume": True, "paths": {"run_dir": str(run_dir)}})
     assert resume_checkpoint(cfg) == str(run_dir / "checkpoints" / "last.ckpt")
 
 
