@@ -29,6 +29,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
+from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from clip_train.training.sharding import (
     ValidatingDeepSpeedStrategy,
@@ -268,6 +269,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if is_sharded(strategy) and not getattr(module, "runs_under_sharded_strategies", True):
         raise ConfigError(
             f"{type(module).__name__} does not run under {type(strategy).__name__}; use trainer=gpu (DDP)"
+        )
+    if validating and not is_overridden("validation_step", module):
+        raise ConfigError(
+            f"data.val_shards is set, but {type(module).__name__} has no validation on held-out shards "
+            "(a distilled student is compared with its teacher by python -m clip_train.distillation.report)"
+            ": drop data.val_shards (data.val_shards=null)"
         )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or [])]

@@ -198,3 +198,17 @@ def test_distillation_under_a_sharded_strategy_is_refused_before_training(setup,
     with pytest.raises(ConfigError, match="DistillationModule does not run under FSDPOnCPU"):
         train(cfg)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_validation_shards_with_distillation_are_refused_before_training(setup, tmp_path):
+    _, shards, teacher_path = setup
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "+experiment=distill_demo", f"teacher={teacher_path}", f"data.train_shards='{shards}'",
+            f"data.val_shards='{shards}'", f"paths.root_dir={tmp_path}",
+        ])  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"DistillationModule has no validation .*=null\)"
+    ):
+        train(cfg)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
