@@ -3,6 +3,8 @@ model, and refuses files of the wrong kind with a message naming them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from eval_support import tiny_model, write_lightning_checkpoint
@@ -127,10 +129,42 @@ def test_state_dict_of_another_model(tmp_path):
         load_model(path)
 
 
+class _WritesMarker:
+    """Pickles as a call to open(marker, "w"): unpickling it creates the marker file, as a malicious
+    checkpoint's payload would run its code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.marker), "w")
+
+
 def test_pickled_object_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "evil.pt"
+    # Beside real tensors, so that the file looks like a state dict until the payload is reached.
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": _WritesMarker(marker)}, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_model(path)
+    message = str(refused.value)
+    assert message.startswith(f"cannot read {path} as a torch checkpoint of tensors: it holds ")
+    assert "GLOBAL io.open" in message  # names what was refused: torch's reason, not its advice
+    assert "\x1b[" not in message and "\n" not in message  # one plain line for the CLIs' `error:` output
+    assert not marker.exists()
+    # The premise: the payload is live, so only the weights-only loading kept it from running.
+    torch.load(path, weights_only=False)["payload"].close()  # the file object open() returned
+    assert marker.exists()
+
+
+def test_pickled_module_is_refused(tmp_path):
     path = tmp_path / "whole_model.pt"
-    torch.save(build_model("vit-tiny"), path)  # a pickled module: weights_only loading must refuse it
-    with pytest.raises(CheckpointError, match=r"whole_model\.pt"):
+    torch.save(build_model("vit-tiny"), path)  # torch.save(model) rather than of its state dict
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot read .*whole_model\.pt as a torch checkpoint of tensors: it holds .*GLOBAL "
+        r"clip_train\.models\.\S*CLIP\b",
+    ):
         load_model(path)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,7 @@ from clip_train.evaluation import (
     split_classification_set,
 )
 from clip_train.evaluation.cli_common import run
+from clip_train.evaluation.embedding import embed_images, embed_texts, tokenizer_for
 from clip_train.models.openai_layout import save_openai_checkpoint
 from clip_train.tokenizer import Tokenizer
 
@@ -52,12 +55,30 @@ def _fails(main, argv: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", [eval_cli, predict, search])
-def test_help(module, capsys):
+@pytest.mark.parametrize(
+    ("module", "argv", "names"),
+    [
+        (
+            eval_cli,
+            ["--help"],
+            {"--checkpoint", "--imagefolder", "--shards", "--classnames", "--templates", "--retrieval-folder"}
+            | {"--retrieval-shards", "--linear-probe", "--probe-train", "--out"},
+        ),
+        (predict, ["--help"], {"--checkpoint", "--text", "--texts-file", "--top", "--json"}),
+        (search, ["--help"], {"index", "query"}),
+        (search, ["index", "--help"], {"--checkpoint", "--images", "--shards", "--out"}),
+        (search, ["query", "--help"], {"--index", "--top-k", "--out", "--checkpoint"}),
+    ],
+    ids=["eval", "predict", "search", "search-index", "search-query"],
+)
+def test_help(module, argv: list[str], names: set[str], capsys):
     with pytest.raises(SystemExit) as exit_info:
-        module.main(["--help"])
+        module.main(argv)
     assert exit_info.value.code == 0
-    assert "--" in capsys.readouterr().out
+    # Whole words of the help (argparse may wrap a hyphenated name inside a description, never in the
+    # option list), stripped of the usage line's brackets and separators.
+    words = {word.strip("[](){},|") for word in capsys.readouterr().out.split()}
+    assert names <= words, names - words
 
 
 def test_eval_writes_report_and_plots(material, tmp_path, capsys):
@@ -283,38 +304,74 @@ def test_predict_bad_inputs(material, capsys):
     assert "no images given" in err
 
 
+def _build_index(material: Path, index: Path) -> None:
+    pattern = str(material / "shards" / "shard-{000000..000001}.tar")
+    argv = ["index", "--checkpoint", str(material / "model.pt"), "--shards", pattern, "--out", str(index)]
+    assert search.main(argv) == 0
+
+
+_SECTION = re.compile(r"<section><h2>(.*?)</h2>(.*?)</section>", re.S)
+_CAPTION = re.compile(r"<figcaption>#(\d+) · (-?\d+\.\d+)<br>(.*?)</figcaption>", re.S)
+
+
+def _page_results(page: str) -> dict[str, list[tuple[int, float, str]]]:
+    """Query text → [(rank, score, image name)] as the HTML page lists them, in page order."""
+    return {
+        html.unescape(heading): [
+            (int(rank), float(score), html.unescape(name)) for rank, score, name in _CAPTION.findall(body)
+        ]
+        for heading, body in _SECTION.findall(page)
+    }
+
+
 def test_search_index_then_query(material, tmp_path, capsys):
     index = tmp_path / "idx.pt"
-    pattern = str(material / "shards" / "shard-{000000..000001}.tar")
-    assert (
-        search.main(
-            ["index", "--checkpoint", str(material / "model.pt"), "--shards", pattern, "--out", str(index)]
-        )
-        == 0
-    )
+    _build_index(material, index)
     assert capsys.readouterr().out.splitlines()[-1].startswith("indexed 6 images")
     out = tmp_path / "results"
-    assert (
-        search.main(
-            ["query", "--index", str(index), "a red circle", "blue", "--top-k", "4", "--out", str(out)]
-        )
-        == 0
-    )
+    queries = ["a red circle", "blue"]
+    assert search.main(["query", "--index", str(index), *queries, "--top-k", "4", "--out", str(out)]) == 0
     assert "index.html" in capsys.readouterr().out.splitlines()[-1]
     page = (out / "index.html").read_text()
-    assert page.count("<figure>") == 8 and "a red circle" in page
+    assert page.count("<figure>") == 8
     assert len(list((out / "images").glob("*.jpg"))) == 8
     assert sorted(p.name for p in out.glob("*.png")) == ["query00-a-red-circle.png", "query01-blue.png"]
 
-    # The results are the brute-force top 4 of the index.
+    # Each query's results are its brute-force ranking of the whole index, best first: every image scored
+    # with the model's own text and image features.
     embeds, refs, _ = search.read_index(index)
+    assert len(refs) == len(COLOURS) * 2
     model = tiny_model(seed=11)
-    from clip_train.evaluation.embedding import embed_texts, tokenizer_for
+    # The index holds the model's image features (float16: within 1e-3).
+    torch.testing.assert_close(embed_images(model, refs), embeds, atol=1e-3, rtol=0)
+    scores = embed_texts(model, tokenizer_for(model), queries) @ embeds.T  # (2 queries, 6 images)
+    rankings = scores.argsort(dim=1, descending=True)[:, :4].tolist()
+    # The premise: the queries rank the images differently, so one query's results shown for both fail.
+    assert rankings[0] != rankings[1]
+    results = _page_results(page)
+    assert list(results) == queries
+    for q, query in enumerate(queries):
+        assert [name for _, _, name in results[query]] == [refs[i].name for i in rankings[q]], query
+        assert [rank for rank, _, _ in results[query]] == [1, 2, 3, 4]
+        shown = torch.tensor([score for _, score, _ in results[query]])
+        torch.testing.assert_close(shown, scores[q, rankings[q]], atol=5e-4, rtol=0)  # 3 decimals
 
-    query = embed_texts(model, tokenizer_for(model), ["a red circle"])
-    best = (query @ embeds.T).topk(4).indices[0].tolist()
-    assert [f"{refs[i].name}" in page for i in best] == [True] * 4
-    assert len(COLOURS) * 2 == len(refs)
+
+def test_search_query_refusals(material, tmp_path, capsys):
+    index = tmp_path / "idx.pt"
+    _build_index(material, index)
+    out = tmp_path / "results"
+    err = _fails(
+        search.main, ["query", "--index", str(index), "red", "--top-k", "0", "--out", str(out)], capsys
+    )
+    assert "error: --top-k must be >= 1, got 0" in err
+    # A model of another architecture (same embedding width, so nothing else would stop it) did not build
+    # the index: its text features are not comparable with the index's image features.
+    other = save_model(tiny_model(seed=11, name="rn-tiny"), tmp_path / "other.pt")
+    argv = ["query", "--index", str(index), "red", "--checkpoint", str(other), "--out", str(out)]
+    err = _fails(search.main, argv, capsys)
+    assert f"error: {other} is not the model that built {index}: their configs differ" in err
+    assert not out.exists()
 
 
 def test_search_bad_inputs(material, tmp_path, capsys):

@@ -84,8 +84,15 @@ def test_not_a_clip_checkpoint_exits_2_with_the_reason(tmp_path: Path) -> None:
 def test_not_a_clip_checkpoint_in_process(tmp_path: Path) -> None:
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, path)  # a plain dict of tensors, but not a CLIP's
-    with pytest.raises(CheckpointError, match=r"other\.pt"):
+    # The reason, not only the file name (which every CheckpointError message holds): what a CLIP state
+    # dict needs and what the file has instead.
+    with pytest.raises(
+        CheckpointError,
+        match=r"other\.pt: not an OpenAI/OpenCLIP CLIP state dict: missing \['token_embedding\.weight', "
+        r".*\(found 1 keys: weights\)",
+    ):
         main(["--checkpoint", str(path), "--format", "onnx", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_format(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
