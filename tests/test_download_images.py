@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 from download_support import bomb_png, jpeg_image, png_rgba
@@ -63,6 +64,45 @@ def test_rejections(data: bytes, config: ImageConfig, status: str) -> None:
     with pytest.raises(ImageRejected) as info:
         process_image(data, config)
     assert info.value.status == status and info.value.reason
+
+
+@pytest.mark.parametrize("pil_format", ["PPM", "TGA", "PCX"])
+def test_formats_pil_opens_but_we_do_not_decode_are_unsupported(pil_format: str) -> None:
+    # PIL identifies these from their header; only the policy (DECODABLE_FORMATS) refuses them, and it
+    # must do so with its own status rather than store them like the photos around them.
+    buf = io.BytesIO()
+    decoded(jpeg_image(5, 64, 48)).save(buf, format=pil_format)
+    assert Image.open(io.BytesIO(buf.getvalue())).format == pil_format
+    with pytest.raises(ImageRejected) as info:
+        process_image(buf.getvalue(), ImageConfig(image_size=16))
+    assert (info.value.status, info.value.reason) == ("unsupported_format", f"format {pil_format}")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "flag"),
+    [
+        ("resample", "nearest", None),  # a PIL filter, but not one of ours
+        ("image_size", 0, "--image-size"),
+        ("image_size", -32, "--image-size"),
+        ("quality", 0, "--quality"),
+        ("quality", 101, "--quality"),
+        ("max_pixels", 0, "--max-pixels"),
+        ("max_aspect_ratio", 0.5, "--max-aspect-ratio"),
+        ("max_aspect_ratio", math.nan, "--max-aspect-ratio"),  # would switch the filter off silently
+    ],
+)
+def test_each_bad_setting_is_refused_naming_its_option(option: str, value: object, flag: str | None) -> None:
+    with pytest.raises(ValueError) as info:
+        ImageConfig(**{option: value})
+    message = str(info.value)
+    # The option first (not a list of several that might be wrong), then the value that was given.
+    assert message.startswith(f"{option} ") and message.endswith(f"got {value!r}"), message
+    assert flag is None or f"({flag})" in message
+
+
+def test_the_limits_of_each_setting_are_accepted() -> None:
+    config = ImageConfig(image_size=1, quality=1, max_pixels=1, max_aspect_ratio=1.0, resample="lanczos")
+    assert ImageConfig(quality=100).quality == 100 and config.max_aspect_ratio == 1.0
 
 
 def test_bad_settings_raise() -> None:

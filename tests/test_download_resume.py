@@ -191,9 +191,48 @@ def test_an_interrupted_pack_is_redone_without_downloading(
     assert not hidden_files(out)
 
 
+# The CLI in a child process whose pack stops for good inside the write of one chosen file: the content
+# is in the file's temporary, not yet renamed. It says so in a marker file and waits to be killed, so the
+# kill -9 lands at that point however the scheduler runs the two processes.
+_STOPPING_CLI = """
+import os, sys, time
+from pathlib import Path
+from data_pipelines.download import shard_writer
+from data_pipelines.download.__main__ import main
+
+stop_name, marker = sys.argv[1], Path(sys.argv[2])
+atomic_write = shard_writer._atomic_write
+
+def stopping_atomic_write(path, write):
+    def write_then_stop(f):
+        write(f)
+        f.flush()
+        # Renamed into place, so the test never reads it half written.
+        marker.with_suffix(".tmp").write_text(str(path))
+        os.replace(marker.with_suffix(".tmp"), marker)
+        time.sleep(3600)
+    return atomic_write(path, write_then_stop if path.name == stop_name else write)
+
+shard_writer._atomic_write = stopping_atomic_write
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 @pytest.mark.slow
-def test_kill_9_during_the_pack_then_resume(server: FaultServer, slow_table, tmp_path: Path) -> None:
-    """Repacking into shards of one sample writes 49 shards: enough time to kill the process among them."""
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "stop_in",
+    [
+        # A new shard beyond the copy's 7, shards 0..8 written: its tar exists only as a temporary.
+        "shard-000009.tar",
+        # A shard of the copy being rewritten: new tar and parquet beside no stats (the old ones withdrawn).
+        "shard-000003.stats.json",
+    ],
+)
+def test_kill_9_during_the_pack_then_resume(
+    server: FaultServer, slow_table, tmp_path: Path, stop_in: str
+) -> None:
+    """Repacking into shards of one sample (49 shards), killed in the middle of writing one of them."""
     table, reference = slow_table
     expected = tmp_path / "expected"
     shutil.copytree(reference, expected)
@@ -201,21 +240,35 @@ def test_kill_9_during_the_pack_then_resume(server: FaultServer, slow_table, tmp
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     args = [*common_args(table, out), "--samples-per-shard", "1"]
+    marker = tmp_path / "stopped"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "data_pipelines.download", *args],
+        [sys.executable, "-c", _STOPPING_CLI, stop_in, str(marker), *args],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while not (out / "shard-000008.stats.json").exists():  # the first shard beyond the copy's 7
-        assert proc.poll() is None and time.monotonic() < deadline, "the pack ended before the kill"
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=10) == -signal.SIGKILL
-    # Killed while packing: no manifest (the output is not finished), not every shard written yet.
+    try:
+        # No race: the child stays stopped until killed; the deadline only bounds a child that never stops.
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the pack never reached the stop"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        proc.kill()  # only if an assertion above left it running
+    assert marker.read_text() == str(out / stop_in)
+    # Killed while packing: no manifest (the output is not finished), the file being written only under a
+    # temporary name (no torn file, no old one left beside the new ones), later shards not written yet.
     assert not (out / "manifest.json").exists() and not (out / "_parts" / "packed.json").exists()
-    assert not (out / "shard-000048.stats.json").exists()
+    assert not (out / stop_in).exists() and len(list(out.glob(f".{stop_in}.*.tmp"))) == 1
+    assert (out / "shard-000002.stats.json").exists() and not (out / "shard-000048.stats.json").exists()
+    stem = stop_in.partition(".")[0]
+    if stop_in.endswith(".stats.json"):  # the tar and parquet, renamed in before the stats, are the new ones
+        for suffix in (".tar", ".parquet"):
+            assert (out / f"{stem}{suffix}").read_bytes() == (expected / f"{stem}{suffix}").read_bytes()
+    else:
+        assert not list(out.glob(f"{stem}.*"))
     hits = dict(server.hits)
     assert cli_main(args) == 0
     assert dict(server.hits) == hits

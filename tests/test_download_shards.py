@@ -8,7 +8,6 @@ import json
 import re
 import shutil
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,6 +43,8 @@ BAD = {
 }
 SAMPLES_PER_SHARD = 6
 ROWS_PER_PART = 10
+# Every test here takes seconds (the fault run about 5); a hang fails in a minute, not at the suite's 600 s.
+pytestmark = pytest.mark.timeout(120)
 
 
 def fast_fetch(**overrides: object) -> FetchConfig:
@@ -103,13 +104,12 @@ def fault_run(server: FaultServer, tmp_path_factory: pytest.TempPathFactory):
         fetch=fast_fetch(),
         image=ImageConfig(image_size=32),
     )
-    start = time.monotonic()
     summary = run_download(config, progress=False, log=lambda _: None)
-    return tmp / "out", urls, expected_bad, summary, time.monotonic() - start
+    return tmp / "out", urls, expected_bad, summary
 
 
 def test_every_url_ends_in_a_shard_or_has_a_reason(fault_run, server: FaultServer) -> None:
-    out, urls, expected_bad, summary, elapsed = fault_run
+    out, urls, expected_bad, summary = fault_run
     rows = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("shard-*.parquet"))]).to_pylist()
     assert [r["row"] for r in rows] == list(range(len(urls)))
     by_url = {r["url"]: r for r in rows if r["url"]}
@@ -119,7 +119,15 @@ def test_every_url_ends_in_a_shard_or_has_a_reason(fault_run, server: FaultServe
         assert by_url[url]["status"] == status and by_url[url]["error"], by_url[url]
     assert next(r for r in rows if r["url"] is None)["status"] == "bad_url"
     assert summary.total_samples == len(GOOD) and not summary.incomplete_parts
-    assert elapsed < 15  # no hang at the end: bounded by timeouts x attempts
+    # The run's time is bounded because each slow URL is ended by the limit meant for it (the drip would
+    # run 10 s, the silent server answer after 3 s), once per attempt (retries=1); the row records which.
+    limits = {
+        server.url("/slow-headers.jpg"): "reading data",
+        server.url("/drip.jpg"): "total timeout",
+        server.blackhole_url: "connection timeout",
+    }
+    for url, limit in limits.items():
+        assert limit in by_url[url]["error"].lower() and by_url[url]["attempts"] == 2, by_url[url]
     for folder in (out, out / "_parts"):
         assert not [p.name for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
@@ -333,14 +341,23 @@ def test_cli_shows_progress_and_ends_with_a_one_line_summary(
     )
 
 
-def test_bad_input_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_input_fails_before_any_work(
+    server: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "out"
+    # Loopback, allowed: a check that let the run start would fetch the URL, which the hits show.
+    fetch = fast_fetch()
     with pytest.raises(InputError, match="does not exist"):
-        run_download(DownloadConfig(input=str(tmp_path / "missing.parquet"), output=str(out)), progress=False)
-    table = write_table(tmp_path / "in.parquet", ["http://example.com/a.jpg"])
+        run_download(
+            DownloadConfig(input=str(tmp_path / "missing.parquet"), output=str(out), fetch=fetch),
+            progress=False,
+        )
+    table = write_table(tmp_path / "in.parquet", [server.url("/img/900.jpg")])
+    config = DownloadConfig(input=str(table), output=str(out), text_col="caption", fetch=fetch)
     with pytest.raises(InputError, match="no column 'caption'"):
-        run_download(DownloadConfig(input=str(table), output=str(out), text_col="caption"), progress=False)
-    assert cli_main([str(table), str(out), "--url-col", "link", "--no-progress"]) == 2
+        run_download(config, progress=False)
+    code = cli_main([str(table), str(out), "--url-col", "link", "--no-progress", "--allow-private-addresses"])
+    assert server.hits["/img/900.jpg"] == 0 and code == 2
     assert "no column 'link'" in capsys.readouterr().err
     assert not out.exists()
 
@@ -355,14 +372,14 @@ def test_bad_input_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureF
     ],
 )
 def test_network_limits_below_one_are_refused_at_once(
-    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str, message: str
+    server: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str, message: str
 ) -> None:
     """--concurrency 0 used to hang for ever and --per-host 0 to mean no limit at all."""
-    table = write_table(tmp_path / "in.parquet", ["http://example.com/a.jpg"])
+    # Refused at once, not after a download: the loopback URL (allowed) is never fetched.
+    table = write_table(tmp_path / "in.parquet", [server.url("/img/901.jpg")])
     out = tmp_path / "out"
-    start = time.monotonic()
-    assert cli_main([str(table), str(out), "--no-progress", flag, value]) == 2
-    assert time.monotonic() - start < 5
+    code = cli_main([str(table), str(out), "--no-progress", "--allow-private-addresses", flag, value])
+    assert server.hits["/img/901.jpg"] == 0 and code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(ValueError, match="must be at least 1"):
@@ -370,12 +387,14 @@ def test_network_limits_below_one_are_refused_at_once(
 
 
 def test_an_unknown_retry_status_is_refused_with_the_valid_ones(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    server: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """A misspelt status used to match no row: nothing retried, exit 0."""
-    table = write_table(tmp_path / "in.parquet", ["http://example.com/a.jpg"])
+    table = write_table(tmp_path / "in.parquet", [server.url("/img/902.jpg")])
     out = tmp_path / "out"
-    assert cli_main([str(table), str(out), "--no-progress", "--retry-statuses", "timeout,http_eror"]) == 2
+    args = [str(table), str(out), "--no-progress", "--allow-private-addresses"]
+    code = cli_main([*args, "--retry-statuses", "timeout,http_eror"])
+    assert server.hits["/img/902.jpg"] == 0 and code == 2
     err = capsys.readouterr().err
     assert "unknown status(es) in retry_statuses (--retry-statuses): 'http_eror'" in err
     assert "http_error" in err and "decode_error" in err and "connection_error" in err

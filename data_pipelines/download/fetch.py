@@ -198,7 +198,7 @@ def _failure(
     return FetchResult(status=status, reason=reason, http_status=http_status, transient=transient)
 
 
-def _classify_exception(exc: BaseException) -> FetchResult:
+def _classify_exception(exc: BaseException, total_timeout: float) -> FetchResult:
     """Map a client exception onto a status; only network-level trouble is marked transient."""
     cause: BaseException | None = exc
     while cause is not None:
@@ -211,6 +211,10 @@ def _classify_exception(exc: BaseException) -> FetchResult:
         return _failure(BAD_URL, f"{type(exc).__name__}: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return _failure(CONNECTION_ERROR, f"DNS: {exc}", transient=False)
+    if type(exc) in (asyncio.TimeoutError, TimeoutError):
+        # aiohttp's total timeout and the attempt's own bound raise a bare TimeoutError with no message
+        # (the connect and read timeouts raise subclasses that name themselves): say which limit it was.
+        return _failure(TIMEOUT, f"total timeout: the attempt took over {total_timeout:g} s", transient=True)
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return _failure(TIMEOUT, f"{type(exc).__name__} {exc}".strip(), transient=True)
     if isinstance(exc, aiohttp.ClientError | OSError):
@@ -263,7 +267,7 @@ class Fetcher:
                 async with asyncio.timeout(c.total_timeout + c.connect_timeout):
                     result = await self._fetch_once(url)
             except Exception as exc:
-                result = _classify_exception(exc)
+                result = _classify_exception(exc, c.total_timeout)
             result.attempts = attempt
             if not result.transient or attempt > c.retries:
                 return result

@@ -70,10 +70,19 @@ class ImageConfig:
             )
         if self.resample not in RESAMPLE_FILTERS:
             raise ValueError(f"resample must be one of {sorted(RESAMPLE_FILTERS)}, got {self.resample!r}")
-        if self.image_size < 1 or not 1 <= self.quality <= 100 or self.max_pixels < 1:
-            raise ValueError("image_size and max_pixels must be >= 1 and quality in 1..100")
-        if self.max_aspect_ratio < 1:
-            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+        # One check per option, each naming the option, its flag and the value, so the error says which.
+        if self.image_size < 1:
+            raise ValueError(f"image_size (--image-size) must be at least 1, got {self.image_size!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality (--quality) must be in 1..100, got {self.quality!r}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels (--max-pixels) must be at least 1, got {self.max_pixels!r}")
+        # Negated so that NaN fails too: `nan < 1` is false, and a NaN limit would silently turn the
+        # aspect-ratio filter off (every `ratio > nan` is false as well).
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError(
+                f"max_aspect_ratio (--max-aspect-ratio) must be at least 1, got {self.max_aspect_ratio!r}"
+            )
 
 
 @dataclass(frozen=True)
