@@ -49,9 +49,13 @@ def write_gzip_csv(path: Path, text: str) -> Path:
 
 class _Handler(SimpleHTTPRequestHandler):
     log: list[tuple[float, str, str]]  # (time, path, user agent), set per server
+    statuses: dict[str, int]  # path → HTTP error status answered instead of the file, set per server
 
     def do_GET(self) -> None:
         self.log.append((time.monotonic(), self.path, self.headers.get("User-Agent", "")))
+        if (status := self.statuses.get(self.path)) is not None:
+            self.send_error(status)
+            return
         super().do_GET()
 
     def log_message(self, *args) -> None:
@@ -91,7 +95,9 @@ def _server(root: Path, handler: type[SimpleHTTPRequestHandler]) -> Iterator[str
         return handler(*args, directory=str(root), **kwargs)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), factory)  # a thread per request: requests can overlap
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever to look at its flag, by default every 0.5 s: check more often
+    # so that every test's server stops at once.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -101,10 +107,14 @@ def _server(root: Path, handler: type[SimpleHTTPRequestHandler]) -> Iterator[str
 
 
 @contextmanager
-def serve(root: Path) -> Iterator[tuple[str, list[tuple[float, str, str]]]]:
-    """Serve ``root`` on 127.0.0.1 (a free port); yields (base URL, request log)."""
+def serve(
+    root: Path, statuses: dict[str, int] | None = None
+) -> Iterator[tuple[str, list[tuple[float, str, str]]]]:
+    """Serve ``root`` on 127.0.0.1 (a free port), answering the paths in ``statuses`` with that error
+    status (e.g. a failing robots.txt); yields (base URL, request log)."""
     log: list[tuple[float, str, str]] = []
-    with _server(root, type("Handler", (_Handler,), {"log": log})) as base:
+    handler = type("Handler", (_Handler,), {"log": log, "statuses": dict(statuses or {})})
+    with _server(root, handler) as base:
         yield base, log
 
 
@@ -113,6 +123,8 @@ def serve_slowly(root: Path, seconds: float) -> Iterator[tuple[str, InFlight]]:
     """Serve ``root`` on 127.0.0.1, each response taking ``seconds`` longer; yields (base URL, the
     counter of requests in flight)."""
     in_flight = InFlight()
-    handler = type("SlowHandler", (_SlowHandler,), {"log": [], "slow_s": seconds, "in_flight": in_flight})
+    handler = type(
+        "SlowHandler", (_SlowHandler,), {"log": [], "statuses": {}, "slow_s": seconds, "in_flight": in_flight}
+    )
     with _server(root, handler) as base:
         yield base, in_flight

@@ -12,7 +12,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from candidates_support import write_gzip_csv, write_warc
+from candidates_support import serve, write_gzip_csv, write_warc
 
 from data_pipelines import balance, extract
 from data_pipelines.candidates.balancing import MatchedPair
@@ -251,6 +251,72 @@ def test_clear_errors_before_any_work(inputs, tmp_path, capsys):
     assert "no column 'image'" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
     assert balance.main(["--work", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_live_crawl_through_the_cli(tmp_path, capsys):
+    # A crawl is one more extract job: from a --seeds file (comments and blank lines ignored) through
+    # matching and balancing, with its pages that give no rows counted in stats.json.
+    site = tmp_path / "site"
+    (site / "private").mkdir(parents=True)
+    (site / "robots.txt").write_text("User-agent: *\nDisallow: /private/\n")
+    (site / "index.html").write_text(
+        '<img src="/img/car.jpg" alt="A red car"><img src="img/dog.jpg" alt="a dog">'
+        '<img src="img/none.jpg"><img src="img/sea.jpg" alt="only the sea">'
+        '<a href="notes.txt">t</a><a href="photo.jpg">p</a><a href="missing.html">m</a>'
+        '<a href="/private/x.html">x</a>'
+    )
+    (site / "notes.txt").write_text('<img src="x.jpg" alt="a dog in plain text">')
+    (site / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    (site / "private" / "x.html").write_text('<img src="/img/secret.jpg" alt="a secret dog">')
+    queries = tmp_path / "queries.txt"
+    queries.write_text("dog\ncar\n")
+    work, out, seeds = tmp_path / "work", tmp_path / "out", tmp_path / "seeds.txt"
+    with serve(site) as (base, log):
+        # A commented-out seed would be refused as "not an http(s) URL" (and crawled if it were one).
+        seeds.write_text(f"# seeds of the test\n\n  {base}/index.html  \n# {base}/private/x.html\n")
+        args = ["--queries", str(queries), "--seeds", str(seeds), "--work", str(work), "--delay", "0"]
+        args += ["--max-pages", "50", "--user-agent", "cli-test/1", "--buckets", "2", "--workers", "1"]
+        assert extract.main(args) == 0
+    assert "extracted 4 rows: 2 matched, 1 unmatched, 1 rejected, 4 pages/records skipped;" in (
+        capsys.readouterr().out
+    )
+    (job,) = json.loads((work / "plan.json").read_text())["jobs"]
+    assert job["kind"] == "pages" and job["inputs"] == [f"{base}/index.html"]
+    assert (job["crawl"]["delay_s"], job["crawl"]["max_pages"]) == (0.0, 50)
+    paths = sorted(p for _, p, _ in log)
+    assert paths == ["/index.html", "/missing.html", "/notes.txt", "/photo.jpg", "/robots.txt"]
+    assert {ua for _, _, ua in log} == {"cli-test/1"}
+    assert balance.main(["--work", str(work), "--out", str(out), "--t", "40", "--workers", "1"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    check_accounting(stats)
+    assert stats["skipped"] == {"http_404": 1, "not_html": 2, "robots_disallowed": 1}
+    assert stats["rejected"] == {"img_without_text": 1}
+    assert (stats["totals"]["rows"], stats["totals"]["unmatched"], stats["totals"]["kept"]) == (4, 1, 2)
+    page = f"{base}/index.html"
+    assert sorted((r["url"], r["text"], r["query"], r["source"]) for r in _table(out)) == [
+        (f"{base}/img/car.jpg", "A red car", "car", f"{page}#img0"),
+        (f"{base}/img/dog.jpg", "a dog", "dog", f"{page}#img1"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "No such file"),
+        ("", "no seed URL in "),
+        ("# only a comment\n\n", "no seed URL in "),
+        ("www.example.com/index.html\n", "seeds.txt:1: not an absolute http(s) URL"),  # used to be lost
+        ("# c\nhttp://[::1/x.html\n", "seeds.txt:2: not an absolute http(s) URL"),
+    ],
+)
+def test_bad_seed_file_fails_before_any_work(inputs, tmp_path, capsys, text, message):
+    seeds = tmp_path / "seeds.txt"
+    if text is not None:
+        seeds.write_text(text)
+    args = ["--queries", str(inputs / "queries.txt"), "--seeds", str(seeds), "--work", str(tmp_path / "w")]
+    assert extract.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("module", [extract, balance])

@@ -43,5 +43,14 @@ def test_cli_writes_list_and_counts(tmp_path, capsys):
     )
     assert capsys.readouterr().out.startswith("wrote ")
     assert cli.main(["--corpus", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
-    with pytest.raises(SystemExit):
+
+
+def test_cli_help(capsys):
+    # --help exits 0 (an error would be 2) and lists the parser's options; the option is looked for
+    # with its metavar, as the description (the module docstring) names --min-word-count too.
+    with pytest.raises(SystemExit) as e:
         cli.main(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: python -m data_pipelines.build_queries")
+    assert "--min-word-count MIN_WORD_COUNT" in help_text and "--out OUT" in help_text

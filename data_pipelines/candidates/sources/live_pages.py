@@ -1,9 +1,9 @@
 """Live pages: fetch seed URLs, extract their images, follow same-site links up to a depth limit.
 
 Polite by construction: robots.txt is fetched once per host and obeyed (RFC 9309: a 4xx robots.txt
-allows everything, a 5xx or unreachable one forbids everything), requests to one host start at least
-``delay_s`` apart (longer if robots.txt asks for a Crawl-delay) with at most ``per_host_concurrency`` in
-flight, and every request carries the configured User-Agent.
+allows everything, a 5xx, unreachable or unreadable one forbids everything), requests to one host start
+at least ``delay_s`` apart (longer if robots.txt asks for a Crawl-delay, fractional ones included) with at
+most ``per_host_concurrency`` in flight, and every request carries the configured User-Agent.
 
 ``iter_live_pages`` runs the asyncio crawl in a background thread and streams its events, so a crawl is
 just another source for the extraction step.
@@ -82,7 +82,10 @@ class _Crawl:
         self.sites = {_site(s) for s in seeds}
         self.hosts: dict[str, _Host] = {}
         self.seen: set[str] = set()
-        self.pages = 0
+        # Pages queued, being visited or fetched, less those robots.txt refused. Counting only fetched
+        # and queued pages missed those a worker had taken but not fetched yet (waiting for robots.txt),
+        # and the crawl went past max_pages.
+        self.admitted = 0
         self.todo: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         for seed in seeds:
             self._enqueue(seed, 0)
@@ -91,8 +94,9 @@ class _Crawl:
         url = urldefrag(url)[0]
         if url in self.seen or urlsplit(url).scheme not in ("http", "https"):
             return
-        if self.pages + self.todo.qsize() >= self.cfg.max_pages:
+        if self.admitted >= self.cfg.max_pages:
             return
+        self.admitted += 1
         self.seen.add(url)
         self.todo.put_nowait((url, depth))
 
@@ -128,14 +132,21 @@ class _Crawl:
                 status, body, _ = await self._get(host, robots_url)
             except Exception:
                 status, body = 503, ""
+            crawl_delay = 0.0
             if status >= 500:
                 rp.disallow_all = True
             elif status >= 400:
                 rp.allow_all = True
             else:
-                rp.parse(body.splitlines())
+                try:
+                    crawl_delay = _parse_robots(rp, body, self.cfg.user_agent)
+                except Exception:
+                    # The standard parser raises on some rules (e.g. "Disallow: //[" is an invalid URL to
+                    # it). Unreadable rules forbid everything, as an unreachable robots.txt does; and the
+                    # host must get its rules either way, or every other task for it waits forever.
+                    rp.disallow_all = True
             host.robots = rp
-            host.delay_s = max(self.cfg.delay_s, float(rp.crawl_delay(self.cfg.user_agent) or 0))
+            host.delay_s = max(self.cfg.delay_s, crawl_delay)
         while host.robots is None:  # another task is still fetching this host's robots.txt
             await asyncio.sleep(0.01)
         return host
@@ -162,9 +173,9 @@ class _Crawl:
     async def _visit(self, url: str, depth: int) -> None:
         host = await self._host(url)
         if not host.robots.can_fetch(self.cfg.user_agent, url):
+            self.admitted -= 1  # fetches nothing: its place under max_pages is free again
             self.emit(Skipped("robots_disallowed", url))
             return
-        self.pages += 1
         status, html, ctype = await self._get(host, url)
         if status >= 400:
             self.emit(Skipped(f"http_{status}", url))
@@ -182,6 +193,35 @@ class _Crawl:
             for link in links:
                 if _site(link) in self.sites:
                     self._enqueue(link, depth + 1)
+
+
+def _parse_robots(rp: RobotFileParser, text: str, user_agent: str) -> float:
+    """Parse robots.txt ``text`` into ``rp``; return the Crawl-delay (seconds) that applies to
+    ``user_agent``, 0 if none.
+
+    The standard library keeps only whole-number Crawl-delays and silently drops e.g. "Crawl-delay: 0.5"
+    (so a site asking for half a second got no delay at all). Each valid value is therefore replaced by
+    its index in a list, a whole number the library keeps, while the library still decides which
+    User-agent group applies to us. An invalid value (not a finite number ≥ 0) is replaced by a word the
+    library ignores: some digits it would try to read itself, and fail (int("²"))."""
+    delays: list[float] = []
+    lines = []
+    for line in text.splitlines():
+        name, colon, value = line.split("#", 1)[0].partition(":")
+        if colon and name.strip().lower() == "crawl-delay":
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = math.nan
+            if math.isfinite(seconds) and seconds >= 0:
+                line = f"Crawl-delay: {len(delays)}"
+                delays.append(seconds)
+            else:
+                line = "Crawl-delay: invalid"
+        lines.append(line)
+    rp.parse(lines)
+    index = rp.crawl_delay(user_agent)
+    return 0.0 if index is None else delays[index]
 
 
 def iter_live_pages(seeds: Sequence[str], cfg: CrawlConfig = DEFAULT_CRAWL) -> Iterator[SourceEvent]:
@@ -208,9 +248,22 @@ def iter_live_pages(seeds: Sequence[str], cfg: CrawlConfig = DEFAULT_CRAWL) -> I
 
 
 def read_seeds(path: str) -> list[str]:
-    """Seed URLs, one per line (blank lines and lines starting with "#" ignored)."""
+    """Seed URLs, one per line (blank lines and lines starting with "#" ignored). Raises ValueError
+    for a file without seeds or a line that is not an absolute http(s) URL: the crawl would skip such a
+    seed without a trace."""
+    seeds = []
     with open(path, encoding="utf-8") as f:
-        seeds = [s for line in f if (s := line.strip()) and not s.startswith("#")]
+        for number, line in enumerate(f, 1):
+            if not (seed := line.strip()) or seed.startswith("#"):
+                continue
+            try:
+                parts = urlsplit(seed)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname)  # scheme: lowercased
+            except ValueError:  # e.g. an unterminated IPv6 literal
+                ok = False
+            if not ok:
+                raise ValueError(f"{path}:{number}: not an absolute http(s) URL: {seed!r}")
+            seeds.append(seed)
     if not seeds:
         raise ValueError(f"no seed URL in {path}")
     return seeds
