@@ -12,6 +12,7 @@ checkpoint, data position included.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import math
 import os
@@ -208,8 +209,71 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
 
 
+# What a run's trajectory is made of. A checkpoint restores the model, optimiser and schedule as they were,
+# so resuming with any of these changed would silently train on with the old values. Exempt: settings that
+# change how the same numbers are computed, not which.
+FIXED_FOR_A_RUN = (
+    "model",
+    "loss",
+    "optimizer",
+    "scheduler",
+    "global_batch_size",
+    "seed",
+    "data.train_shards",
+)
+FREE_TO_CHANGE = frozenset({"loss.chunk_size", "optimizer.fused", "optimizer.foreach"})
+RUN_SETTINGS = "run_settings.json"
+
+
+def _fixed_settings(cfg: DictConfig) -> dict[str, object]:
+    """FIXED_FOR_A_RUN resolved and flattened to {"optimizer.lr": 0.0005, ...}."""
+    flat: dict[str, object] = {}
+
+    def visit(key: str, value: object) -> None:
+        if OmegaConf.is_dict(value) or isinstance(value, dict):
+            for name, sub in value.items():
+                visit(f"{key}.{name}", sub)
+        elif key not in FREE_TO_CHANGE:
+            flat[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    for key in FIXED_FOR_A_RUN:
+        visit(key, OmegaConf.select(cfg, key))
+    return flat
+
+
+def check_resumed_settings(cfg: DictConfig, checkpoint: str | None) -> None:
+    """Refuse to resume a run whose model, loss, optimiser, schedule, batch, seed or shards were changed
+    (they would be ignored: the checkpoint holds the old ones); record them when the run starts fresh."""
+    path = Path(cfg.paths.run_dir) / RUN_SETTINGS
+    current = _fixed_settings(cfg)
+    if checkpoint is None or not path.is_file():  # a fresh start (or a run older than this check)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)  # every rank writes the same text; the last rename wins
+        return
+    saved = json.loads(path.read_text())
+    changed = [
+        f"{key}: {saved.get(key, '(unset)')} -> {current.get(key, '(unset)')}"
+        for key in sorted(saved.keys() | current.keys())
+        if key not in FREE_TO_CHANGE and saved.get(key) != current.get(key)
+    ]
+    if changed:
+        shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise ConfigError(
+            f"{cfg.paths.run_dir} holds a run with other settings ({shown}); resuming it from "
+            f"{checkpoint} would keep the old ones. Give this run its own name (run_name=...), or put the "
+            "settings back"
+        )
+
+
 def check_demo_shards(cfg: DictConfig) -> None:
     """The default config trains on the demo's shards; without them, say in one line how to make them."""
+    if OmegaConf.is_missing(cfg.data, "train_shards"):
+        raise ConfigError(
+            "no training data: set data.train_shards='/data/shards/shard-{000000..000999}.tar' (a brace "
+            "pattern of WebDataset shards, quoted; `python -m data_pipelines.download` writes them)"
+        )
     shards = cfg.data.get("train_shards")
     if isinstance(shards, str) and shards.rstrip("/").endswith("demo/shards") and not Path(shards).is_dir():
         raise ConfigError(
@@ -218,13 +282,34 @@ def check_demo_shards(cfg: DictConfig) -> None:
         )
 
 
+def check_teacher(cfg: DictConfig) -> None:
+    """A distillation run's teacher checkpoint must exist (Hydra would report it wrapped, with no fix)."""
+    teacher = cfg.get("teacher")
+    if teacher is not None and not Path(str(teacher)).exists():
+        raise ConfigError(
+            f"teacher checkpoint {teacher} not found: pass teacher=PATH (a clip_train or OpenAI-layout "
+            "checkpoint of the model to distil; `make demo` writes demo/runs/demo/checkpoints/last.ckpt)"
+        )
+
+
 # ------------------------------------------------------------------------------------------- training
+class _TrainingPhase(pl.Callback):
+    """Whether training has begun: an error before it is a set-up problem whose message says it all, an
+    error during it needs its traceback (see main)."""
+
+    started = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = True
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build the data module, model, Lightning module, callbacks, loggers and trainer from `cfg`; fit.
 
     Returns the final logged metrics (a sweep optimises one of them)."""
     check_hardware(cfg)
     check_demo_shards(cfg)
+    check_teacher(cfg)
     world = world_size(cfg.trainer)
     batch_size = per_rank_batch_size(int(cfg.global_batch_size), world)
     if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= batch_size:
@@ -276,7 +361,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "(a distilled student is compared with its teacher by python -m clip_train.distillation.report)"
             ": drop data.val_shards (data.val_shards=null)"
         )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    phase = _TrainingPhase()
+    callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values()), phase]
     loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
     # Without validation shards, no validation loop at all (Lightning would warn about an empty loader).
     no_validation = {} if validating else {"limit_val_batches": 0}
@@ -285,8 +371,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     ckpt = resume_checkpoint(cfg)
+    check_resumed_settings(cfg, ckpt)
     log.info("run directory %s; %s", cfg.paths.run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except Exception as error:
+        error.during_training = phase.started  # read by main
+        raise
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
@@ -296,8 +387,14 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
-            if isinstance(error, ValueError | FileNotFoundError) and not os.environ.get("HYDRA_FULL_ERROR"):
-                # A configuration or data problem found up front: the message is the whole story.
+            up_front = not getattr(error, "during_training", False)
+            if (
+                up_front
+                and isinstance(error, ValueError | FileNotFoundError)
+                and not os.environ.get("HYDRA_FULL_ERROR")
+            ):
+                # A configuration or data problem found before training: the message is the whole story.
+                # Once training runs, an error keeps its traceback.
                 raise SystemExit(f"error: {error}") from None
             raise
         # One failed job must not end a sweep: record the failure in its run directory and go on.

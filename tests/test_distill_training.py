@@ -207,8 +207,16 @@ def test_validation_shards_with_distillation_are_refused_before_training(setup, 
             "+experiment=distill_demo", f"teacher={teacher_path}", f"data.train_shards='{shards}'",
             f"data.val_shards='{shards}'", f"paths.root_dir={tmp_path}",
         ])  # fmt: skip
-    with pytest.raises(
-        ConfigError, match=r"DistillationModule has no validation .*=null\)"
-    ):
+    with pytest.raises(ConfigError, match=r"DistillationModule has no validation .*=null\)"):
         train(cfg)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_a_missing_teacher_is_refused_before_training_saying_how_to_name_one(setup, tmp_path):
+    _, shards, _ = setup
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "+experiment=distill_demo", f"data.train_shards='{shards}'", f"paths.root_dir={tmp_path}",
+        ])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"teacher checkpoint .*last\.ckpt not found: pass teacher=PATH"):
+        train(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import signal
@@ -29,6 +30,7 @@ from clip_train.train import (
     ConfigError,
     build_strategy,
     check_hardware,
+    check_resumed_settings,
     per_rank_batch_size,
     resume_checkpoint,
     train,
@@ -251,6 +253,38 @@ def test_missing_shards_are_reported_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_recipe_without_training_shards_says_so_before_building_anything(tmp_path):
+    cfg = _compose("+experiment=vit_b32", "trainer=cpu", f"paths.run_dir={tmp_path}/run")
+    with pytest.raises(ConfigError, match=r"no training data: set data\.train_shards='"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_changed_settings_is_refused_and_harmless_changes_are_not(tmp_path):
+    run = [f"paths.run_dir={tmp_path}/run", "data.train_shards='/data/shard-{000000..000009}.tar'"]
+    check_resumed_settings(_compose(*run), checkpoint=None)  # a fresh start records its settings
+    assert json.loads((tmp_path / "run/run_settings.json").read_text())["optimizer.lr"] == 2e-3
+    last = str(tmp_path / "run/checkpoints/last.ckpt")
+    # How long to train, how to read and log, and how the same loss is computed may change on resume ...
+    check_resumed_settings(
+        _compose(*run, "trainer.max_epochs=40", "data.num_workers=1", "logger=none", "loss.chunk_size=8"),
+        last,
+    )
+    # ... but not what the checkpoint would silently override: the model, optimiser, schedule, batch, data.
+    changed = _compose(*run, "optimizer.lr=0.5", "global_batch_size=64")
+    with pytest.raises(ConfigError, match="other settings") as refused:
+        check_resumed_settings(changed, last)
+    message = str(refused.value)
+    assert "optimizer.lr: 0.002 -> 0.5" in message and "global_batch_size: 128 -> 64" in message
+    assert "run_name=" in message
+    with pytest.raises(ConfigError, match=r"model\.\w+: "):
+        check_resumed_settings(_compose(*run, "model=vit_tiny"), last)
+    with pytest.raises(ConfigError, match=r"data\.train_shards: /data/shard-\{000000\.\.000009\}\.tar -> /d"):
+        check_resumed_settings(_compose(*run[:1], "data.train_shards=/d"), last)
+    check_resumed_settings(changed, checkpoint=None)  # starting over (no checkpoint) records the new ones
+    check_resumed_settings(changed, last)
+
+
 # ------------------------------------------------------------------------------- the Lightning module
 class _Batches(torch.utils.data.IterableDataset):
     """Fixed random batches; `poison` lists batch indices whose images are NaN."""
@@ -445,6 +479,25 @@ def test_without_overrides_or_demo_shards_it_says_in_one_line_how_to_make_them(t
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "make demo" in lines[0] and "demo/shards" in lines[0], proc.stderr
     assert not (tmp_path / "runs/demo/checkpoints").exists()
+
+
+def test_an_error_during_training_keeps_its_traceback_and_one_before_is_a_line(tmp_path):
+    shards = write_crawler_shards(tmp_path / "shards", [16, 16], image_size=40)
+    common = [*_common(shards, tmp_path), "data.num_workers=0", "model=vit_tiny"]
+    tests = os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"PYTHONPATH": tests}
+    for extra, during in ((["+callbacks.fail._target_=failing_callback.FailAtStep", "run_name=a"], True),
+                          (["micro_batch_size=99", "run_name=b"], False)):  # fmt: skip
+        command = [sys.executable, "-m", "clip_train", *common, *extra]
+        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        lines = proc.stderr.splitlines()
+        if during:
+            assert "Traceback" in proc.stderr, proc.stderr
+            assert "ValueError: deliberate failure at step 1" in lines, proc.stderr
+        else:
+            assert "Traceback" not in proc.stderr, proc.stderr
+            assert lines[-1].startswith("error: micro_batch_size=99 must lie in"), proc.stderr
 
 
 @pytest.mark.slow
