@@ -11,7 +11,9 @@ checkpoint, data position included.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -282,6 +284,23 @@ def check_demo_shards(cfg: DictConfig) -> None:
         )
 
 
+def check_arguments(group: str, factory: object) -> None:
+    """A `_partial_` factory (the optimiser, the schedule) is only called inside Lightning's fit, where an
+    unknown key (`+optimizer.lrr=1`) would end in a TypeError deep in Lightning: name it up front."""
+    if not isinstance(factory, functools.partial):
+        return
+    parameters = inspect.signature(factory.func).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(factory.keywords) - set(parameters))
+    if unknown:
+        name = f"{factory.func.__module__}.{factory.func.__qualname__}"
+        raise ConfigError(
+            f"{', '.join(f'{group}.{k}' for k in unknown)}: not an argument of {name}, which takes "
+            f"{', '.join(k for k in parameters if k not in ('self', 'params', 'optimizer'))}"
+        )
+
+
 def check_teacher(cfg: DictConfig) -> None:
     """A distillation run's teacher checkpoint must exist (Hydra would report it wrapped, with no fix)."""
     teacher = cfg.get("teacher")
@@ -344,12 +363,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.data.get("context_length") is None:
         data_overrides["context_length"] = model.context_length
     datamodule = instantiate(cfg.data, **data_overrides)
+    optimizer, scheduler = instantiate(cfg.optimizer), instantiate(cfg.scheduler)
+    for group, factory in (("optimizer", optimizer), ("scheduler", scheduler)):
+        check_arguments(group, factory)
     module = instantiate(
-        cfg.module,
-        model=model,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
+        cfg.module, model=model, loss=instantiate(cfg.loss), optimizer=optimizer, scheduler=scheduler
     )
     if is_sharded(strategy) and not getattr(module, "runs_under_sharded_strategies", True):
         raise ConfigError(

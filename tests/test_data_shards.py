@@ -112,6 +112,9 @@ def test_zero_samples_and_too_small_epochs(tmp_path: Path) -> None:
     empty = write_crawler_shards(tmp_path / "empty", [0, 0])
     with pytest.raises(ShardError, match="shards are empty"):
         _dm(empty).setup()
+    # An empty crawl output names its real problem, not the shard count it also falls short of.
+    with pytest.raises(ShardError, match="shards are empty"):
+        _dm(write_crawler_shards(tmp_path / "one", [0]), num_workers=4).setup()
     small = write_crawler_shards(tmp_path / "small", [3, 2])
     with pytest.raises(ShardError, match=r"5 samples holds no full global batch of 8 \(batch_size 4 x 2"):
         _dm(small, rank=0, world_size=2).setup()

@@ -99,6 +99,19 @@ def test_typos_and_unknown_names_are_refused_by_composition():
         _compose("optimizer.lrr=1")
 
 
+def test_an_appended_key_the_optimiser_or_schedule_does_not_take_is_refused_up_front(tmp_path):
+    # Hydra's own hint for a typo is "use +optimizer.lrr=1"; that key would reach AdamW inside fit.
+    run = [f"data.train_shards='{tmp_path}/s-{{0..1}}.tar'", f"paths.run_dir={tmp_path}/r"]
+    refusals = {
+        "+optimizer.lrr=1": "optimizer.lrr: not an argument of torch.optim",
+        "+scheduler.warmup=3": "scheduler.warmup: not an argument of clip_train",
+    }
+    for override, named in refusals.items():
+        with pytest.raises(ConfigError, match=named):
+            train(_compose(override, *run))
+    assert not (tmp_path / "r").exists()
+
+
 def test_the_global_batch_must_divide_over_the_world():
     assert per_rank_batch_size(32768, 8) == 4096
     with pytest.raises(ConfigError, match="does not divide over 3 processes"):

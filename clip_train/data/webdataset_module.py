@@ -460,16 +460,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
                 src.num_samples, src.shard_counts = n, counts
                 total += n
             self.num_samples = total
-        readers = self.world_size * self.workers
-        if not self.resampled:
-            for src in self.sources:
-                fit = len(src.urls) // self.world_size
-                if len(src.urls) < readers:
-                    raise ShardError(
-                        f"{src.name!r} has {len(src.urls)} shard(s) but {self.world_size} rank(s) x "
-                        f"{self.workers} worker(s) = {readers} readers need one each. Use num_workers <= "
-                        f"{fit}, re-shard into more (smaller) shards, or set resampled=True."
-                    )
+        # Empty shards first: with none of them holding a sample, too few shards is not the problem.
         global_batch = self.batch_size * self.world_size
         if self.num_samples // global_batch == 0:
             raise ShardError(
@@ -481,6 +472,16 @@ class WebDatasetDataModule(pl.LightningDataModule):
                     else "use a smaller batch_size or more data (train_num_samples)."
                 )
             )
+        readers = self.world_size * self.workers
+        if not self.resampled:
+            for src in self.sources:
+                fit = len(src.urls) // self.world_size
+                if len(src.urls) < readers:
+                    raise ShardError(
+                        f"{src.name!r} has {len(src.urls)} shard(s) but {self.world_size} rank(s) x "
+                        f"{self.workers} worker(s) = {readers} readers need one each. Use num_workers <= "
+                        f"{fit}, re-shard into more (smaller) shards, or set resampled=True."
+                    )
         if self.val_shards is not None:
             self.val_urls = parse_sources(self.val_shards)[0].urls
             check_readable(self.val_urls, "validation shard")
