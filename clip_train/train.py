@@ -74,6 +74,18 @@ def _run_id(run_dir: str) -> str:
 warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# bf16 weights are reported at 32 bits in the model summary: a note on the summary's size estimate only.
+warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
+
+
+class _WithoutAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger" line, printed at every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_WithoutAdverts())
 
 for _name, _fn in (("wandb_offline", _wandb_offline), ("run_id", _run_id)):
     if not OmegaConf.has_resolver(_name):
@@ -390,6 +402,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     ckpt = resume_checkpoint(cfg)
     check_resumed_settings(cfg, ckpt)
+    if ckpt:  # a resumed run's checkpoint folder is not empty, by design
+        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     log.info("run directory %s; %s", cfg.paths.run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
