@@ -18,6 +18,9 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
+import sys
 import traceback
 import uuid
 import warnings
@@ -413,6 +416,39 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
+_BRACE_RANGE = re.compile(r"\{\d+\.\.\d+\}")
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Mistakes Hydra reports only with a parser error, a 25-line traceback or not at all: a brace range left
+    unquoted (Hydra reads `{` as a dictionary; the shell expands it into one override per shard, of which
+    Hydra keeps the last, silently) and the SLURM launcher on a machine without SLURM."""
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+    paths: dict[str, list[str]] = {}
+    for key, _, value in (arg.partition("=") for arg in overrides):
+        if "/" in value:
+            paths.setdefault(key, []).append(value)
+    for key, values in paths.items():
+        # Paths that differ only in their numbers, one override each: the shell's expansion of a brace range.
+        if len(values) > 1 and len({re.sub(r"\d+", "#", v) for v in values}) == 1:
+            raise SystemExit(
+                f"error: {key} is given {len(values)} times, as the shell expands an unquoted brace pattern "
+                "(Hydra would keep only the last path). Quote it: "
+                f"\"{key}='/data/shard-{{000000..000099}}.tar'\""
+            )
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if _BRACE_RANGE.search(value) and value[:1] not in ("'", '"'):
+            raise SystemExit(
+                f"error: quote the brace pattern so that Hydra takes it as one string: \"{key}='{value}'\""
+            )
+    if "hydra/launcher=slurm" in argv and shutil.which("sbatch") is None:
+        raise SystemExit(
+            "error: hydra/launcher=slurm submits jobs with sbatch, which is not on this machine's PATH: run "
+            "the sweep from a SLURM login node, or drop hydra/launcher=slurm to run its jobs here in turn"
+        )
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -439,4 +475,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

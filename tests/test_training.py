@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from clip_train.train import (
     CONFIG_DIR,
     ConfigError,
     build_strategy,
+    check_command_line,
     check_hardware,
     check_resumed_settings,
     per_rank_batch_size,
@@ -110,6 +112,24 @@ def test_an_appended_key_the_optimiser_or_schedule_does_not_take_is_refused_up_f
         with pytest.raises(ConfigError, match=named):
             train(_compose(override, *run))
     assert not (tmp_path / "r").exists()
+
+
+def test_command_lines_hydra_would_misread_are_refused_with_the_fix(tmp_path):
+    # What bash makes of data.train_shards=/d/shard-{000000..000002}.tar unquoted; Hydra keeps the last.
+    expanded = [f"data.train_shards=/d/shard-00000{i}.tar" for i in range(3)]
+    proc = subprocess.run([sys.executable, "-m", "clip_train", *expanded, f"paths.root_dir={tmp_path}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "given 3 times" in proc.stderr and "Quote it" in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(
+        SystemExit, match=r"quote the brace pattern .*\"data\.val_shards='/v/s-\{0\.\.3\}\.tar'\""
+    ):
+        check_command_line(["data.val_shards=/v/s-{0..3}.tar"])
+    check_command_line(["data.train_shards='/d/s-{0..3}.tar'", "data.num_workers=2", "data.num_workers=0"])
+    check_command_line(["paths.root_dir=/a/x1", "data.train_shards=/b/y1"])  # different keys: fine
+    if shutil.which("sbatch") is None:  # this machine: no SLURM
+        with pytest.raises(SystemExit, match="sbatch, which is not on this machine's PATH"):
+            check_command_line(["-m", "hydra/launcher=slurm", "optimizer.lr=1e-4,5e-4"])
 
 
 def test_the_global_batch_must_divide_over_the_world():
