@@ -264,3 +264,9 @@ def print_summary(
         + f"; total {total / 60:.1f} min"
     )
     print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(
+        f"{__file__} is a module of scripts/demo/run_demo.py; run that instead (--help for its options)"
+    )

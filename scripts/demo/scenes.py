@@ -399,3 +399,9 @@ def body_for(row: SourceRow) -> tuple[int, str, bytes]:
     if row.fault == "truncated":
         return 200, "image/jpeg", data[: len(data) // 3]
     return 200, mime, data
+
+
+if __name__ == "__main__":
+    raise SystemExit(
+        f"{__file__} is a module of scripts/demo/run_demo.py; run that instead (--help for its options)"
+    )
