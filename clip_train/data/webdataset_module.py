@@ -132,6 +132,18 @@ def _decode_sample(sample: dict[str, Any], transform, decode_size: int, rng: ran
     return transform.crop(image, rng), caption
 
 
+def _worker_context(method: str | None) -> multiprocessing.context.BaseContext | None:
+    """The start method's context. A forkserver imports this module (torch, PIL, webdataset, the tokenizer)
+    once, before it forks any worker: otherwise every worker of every epoch imports them itself, seconds
+    each. Preloading takes effect when the server starts, i.e. at the first forkserver loader."""
+    if method is None:
+        return None
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload([__name__])
+    return context
+
+
 def _quota(total: int, workers: int, worker: int) -> int:
     """How many of the indices 0..total-1 are congruent to `worker` modulo `workers`."""
     return max(0, (total - worker + workers - 1) // workers)
@@ -537,7 +549,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
             collate_fn=_identity,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
-            multiprocessing_context=self.worker_start_method if workers > 0 else None,
+            multiprocessing_context=_worker_context(self.worker_start_method) if workers > 0 else None,
         )
 
     def _new_epoch_loader(self) -> DataLoader:
