@@ -400,6 +400,43 @@ def test_delete_parts_keeps_the_shards_and_refuses_retry(
     assert dict(server.hits) == hits and shard_contents(out) == shard_contents(reference)
 
 
+def test_a_run_without_any_image_fails_writes_no_shard_and_can_be_retried(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Every row failing (an outage, a wrong column) used to exit 0 with a manifest of one empty shard."""
+    with FaultServer() as server:
+        urls = [server.url("/flaky/300.jpg"), "ftp://example.com/x.jpg"] * 6  # 2 parts, 12 failures
+        table = write_urls(tmp_path / "in.parquet", urls)
+        out = tmp_path / "out"
+        assert cli_main(common_args(table, out)) == 1
+        captured = capsys.readouterr()
+        assert "; no image in the whole output, so no shard was written; output: " in captured.out
+        err = captured.err
+        assert f"error: no image was downloaded: all 12 input row(s) of {table} failed" in err
+        assert f"http_error: 6 row(s), e.g. {server.url('/flaky/300.jpg')}: HTTP 503" in err
+        assert "bad_url: 6 row(s), e.g. ftp://example.com/x.jpg: " in err
+        assert "is --url-column the image URL column?" in err and "--retry-failed" in err
+        assert sorted(p.name for p in out.iterdir()) == ["_parts", "_plan"]  # no shard, no manifest
+        # What an older version left (one empty shard and its manifest) goes on the next run; the same
+        # command fetches nothing and fails the same way; --delete-parts keeps the parts (the reasons).
+        for name in ("shard-000000.tar", "shard-000000.parquet", "shard-000000.stats.json", "manifest.json"):
+            (out / name).write_text("{}")
+        (out / "_parts" / "packed.json").write_text("{}")
+        hits = dict(server.hits)
+        assert cli_main(common_args(table, out, "--delete-parts")) == 1
+        assert dict(server.hits) == hits
+        assert sorted(p.name for p in out.iterdir()) == ["_parts", "_plan"]
+        assert len(list((out / "_parts").glob("part-*.tar"))) == 2
+        assert not (out / "_parts" / "packed.json").exists()
+        # The server recovers: a retry fetches only the failed rows and the output is a fresh run's.
+        server.httpd.flaky_ok = True
+        assert cli_main(common_args(table, out, "--retry-failed")) == 0
+        fresh = tmp_path / "fresh"
+        assert cli_main(common_args(table, fresh)) == 0
+        assert shard_contents(out) == shard_contents(fresh)
+        assert json.loads((out / "manifest.json").read_text())["num_samples"] == 1  # the others: duplicates
+
+
 def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state, parent pid) of a live process from /proc; None once it is gone."""
     try:

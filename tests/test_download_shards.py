@@ -18,6 +18,7 @@ from download_support import TEST_USER_AGENT, FaultServer, jpeg_image, write_img
 
 from clip_train.data.shards import ShardError, count_samples, expand_urls
 from data_pipelines.download import DownloadConfig, FetchConfig, ImageConfig, InputError, run_download
+from data_pipelines.download.__main__ import build_parser, config_from_args
 from data_pipelines.download.__main__ import main as cli_main
 from data_pipelines.download.plan import read_input
 from data_pipelines.download.shard_writer import read_samples, tar_bytes
@@ -230,8 +231,7 @@ def test_shards_read_with_plain_webdataset(fault_run, server: FaultServer) -> No
         ("ggg", 1, [[0], [1], [2]]),
         ("gbggbbg", 2, [[0, 1, 2], [3, 4, 5, 6]]),
         ("ggg", 5, [[0, 1, 2]]),
-        ("bbb", 2, [[0, 1, 2]]),  # no sample at all: one empty shard holds every row
-        ("", 3, [[]]),  # no rows at all: one empty shard
+        ("bbbbg", 2, [[0, 1, 2, 3, 4]]),  # one sample, in the last part
     ],
 )
 def test_shard_boundaries(server: FaultServer, tmp_path: Path, kinds: str, per_shard: int, shards) -> None:
@@ -358,8 +358,30 @@ def test_bad_input_fails_before_any_work(
         run_download(config, progress=False)
     code = cli_main([str(table), str(out), "--url-col", "link", "--no-progress", "--allow-private-addresses"])
     assert server.hits["/img/900.jpg"] == 0 and code == 2
-    assert "no column 'link'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no column 'link'" in err and "--url-column / --text-column" in err
     assert not out.exists()
+
+
+def test_an_input_without_rows_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An empty table used to give exit 0 and a manifest of one shard of zero samples."""
+    table = write_table(tmp_path / "in.parquet", pa.array([], pa.string()))
+    out = tmp_path / "out"
+    assert cli_main([str(table), str(out), "--no-progress"]) == 2
+    assert f"input {table} has no rows, so there is nothing to download" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("spelling", [("--url-column", "--text-column"), ("--url-col", "--text-col")])
+def test_column_options_share_the_spelling_of_extract(spelling: tuple[str, str]) -> None:
+    """`--url-column/--text-column` as in `python -m data_pipelines.extract`; the old names still work."""
+    url_flag, text_flag = spelling
+    args = build_parser().parse_args(["in.parquet", "out", url_flag, "link", text_flag, "caption"])
+    config = config_from_args(args)
+    assert (config.url_col, config.text_col) == ("link", "caption")
+    assert "--url-column URL_COLUMN, --url-col URL_COLUMN" in build_parser().format_help()
 
 
 @pytest.mark.timeout(30)  # without the check, --concurrency 0 hangs

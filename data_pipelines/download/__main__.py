@@ -27,8 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="table of URLs and texts: a parquet/CSV/JSONL file or a folder of them")
     p.add_argument("output", help="output folder for the shards (created; reused to resume)")
     g = p.add_argument_group("input and shards")
-    g.add_argument("--url-col", default="url", help="column holding the image URL")
-    g.add_argument("--text-col", default="text", help="column holding the caption")
+    # --url-column/--text-column as in `python -m data_pipelines.extract`; the older --url-col/--text-col
+    # stay as aliases so that existing commands keep working.
+    g.add_argument(
+        "--url-column", "--url-col", dest="url_column", default="url", help="column holding the image URL"
+    )
+    g.add_argument(
+        "--text-column", "--text-col", dest="text_column", default="text", help="column holding the caption"
+    )
     g.add_argument(
         "--samples-per-shard",
         type=int,
@@ -152,8 +158,8 @@ def config_from_args(args: argparse.Namespace) -> DownloadConfig:
     return DownloadConfig(
         input=args.input,
         output=args.output,
-        url_col=args.url_col,
-        text_col=args.text_col,
+        url_col=args.url_column,
+        text_col=args.text_column,
         samples_per_shard=args.samples_per_shard,
         rows_per_part=args.rows_per_part,
         fetch=fetch,
@@ -190,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     if counts:
         print(f"statuses over the whole output: {counts}")
     print(summary.line())
+    if summary.failure:
+        # Exit 1 like an incomplete run: a script chaining download -> train must stop here, not train on
+        # an output without images.
+        print(f"error: {summary.failure}", file=sys.stderr)
+        return 1
     return 0 if not summary.incomplete_parts else 1
 
 

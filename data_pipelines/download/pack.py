@@ -286,6 +286,28 @@ def _remove_shards_from(out: Path, first: int) -> None:
         remove_files(out, shard_stem(index))
 
 
+def _withdraw_manifest(plan: Plan) -> None:
+    """Remove manifest.json and packed.json (and temporaries of killed writers) before final files change."""
+    out = Path(plan.out_dir)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    (plan.parts_dir / PACKED_NAME).unlink(missing_ok=True)
+    for stale in [*out.glob(f".{SHARD_PREFIX}-*.tmp"), *out.glob(f".{MANIFEST_NAME}.*.tmp")]:
+        stale.unlink(missing_ok=True)
+
+
+def clear_final_shards(plan: Plan) -> None:
+    """Remove the manifest, packed.json and every final shard, keeping the parts.
+
+    For complete parts that hold no sample at all: a shard of zero samples is of no use to a trainer (and
+    makes it count a shard that yields nothing), so no shard and no manifest is written. The parts keep
+    every row's reason and stay retryable. Shards and a manifest there may come from an older version of
+    this downloader, which packed such an output into one empty shard; the manifest goes first, as in
+    `pack`, so a kill part-way never leaves a manifest beside missing shards.
+    """
+    _withdraw_manifest(plan)
+    _remove_shards_from(Path(plan.out_dir), 0)
+
+
 def pack(
     plan: Plan,
     samples_per_shard: int,
@@ -302,10 +324,7 @@ def pack(
         return PackResult(manifest, 0, 0.0)
     # Until the manifest is written again the final shards are being changed: without a manifest no
     # reader (the trainer, a rerun) takes a half-packed output for a finished one.
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    (plan.parts_dir / PACKED_NAME).unlink(missing_ok=True)
-    for stale in [*out.glob(f".{SHARD_PREFIX}-*.tmp"), *out.glob(f".{MANIFEST_NAME}.*.tmp")]:
-        stale.unlink(missing_ok=True)
+    _withdraw_manifest(plan)
     packer = _Packer(plan, samples_per_shard, digests)
     bar = None
     if progress:

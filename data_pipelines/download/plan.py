@@ -84,7 +84,7 @@ def read_input(path: str | os.PathLike, url_col: str = "url", text_col: str = "t
     if missing:
         raise InputError(
             f"input {path} has no column {' or '.join(map(repr, missing))}; its columns are {names}. "
-            "Name the right ones with --url-col / --text-col."
+            "Name the right ones with --url-column / --text-column."
         )
     extra = [c for c in OPTIONAL_COLUMNS if c in names and c not in (url_col, text_col)]
     try:
@@ -205,6 +205,13 @@ def make_plan(
     if rows_per_part < 1:
         raise InputError(f"rows_per_part must be >= 1, got {rows_per_part}")
     table = read_input(input_path, url_col, text_col)
+    if table.num_rows == 0:
+        # Refused before the output folder is made: an empty table would only give an output without a
+        # single image, which the run then reports as a failure anyway.
+        raise InputError(
+            f"input {input_path} has no rows, so there is nothing to download; check the path (a folder is "
+            "read whole) and the step that wrote the table"
+        )
     out = Path(out_dir)
     # Left by a launcher killed while writing them; no other process is at work on `out` yet.
     for stale in [p for pattern in _LAUNCHER_TEMPS for p in out.glob(pattern)]:

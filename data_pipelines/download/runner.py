@@ -43,7 +43,7 @@ from data_pipelines.download.images import (
     ProcessedImage,
     process_image,
 )
-from data_pipelines.download.pack import delete_parts, pack, read_packed
+from data_pipelines.download.pack import clear_final_shards, delete_parts, pack, read_packed
 from data_pipelines.download.plan import InputError, Plan, make_plan
 from data_pipelines.download.shard_writer import MANIFEST_NAME, Sample, read_samples, write_part
 
@@ -52,6 +52,33 @@ ERROR = "error"  # an unexpected exception on one row
 # The statuses a part can hold besides success: what --retry-statuses may name (duplicates are decided by
 # the pack, never stored in a part, so they are never retried).
 FAILURE_STATUSES = (*FETCH_STATUSES, *IMAGE_STATUSES, ERROR)
+# What to check when every row failed with a status: a run without a single image is nearly always a
+# setting or an outage, and the status alone does not say which setting.
+_CHECKS = {
+    "bad_url": "the URL column holds no http(s) URLs: is --url-column the image URL column?",
+    "blocked_address": "the hosts resolve to private or loopback addresses, refused by default; "
+    "--allow-private-addresses allows them (intranet mirrors, tests)",
+    "robots_disallowed": "the sites' robots.txt disallows this crawler (named by the first word of "
+    "--user-agent), or answers 5xx",
+    "opted_out": "the sites opt out of AI use (X-Robots-Tag noai/noimageai)",
+    "http_error": "the servers answer with errors (the HTTP codes are in the reasons): are the URLs current, "
+    "does the server refuse this --user-agent?",
+    "timeout": "no answer in time: an outage, a proxy or firewall in the way, or timeouts too short "
+    "(--connect-timeout, --read-timeout, --total-timeout)",
+    "connection_error": "no connection: is the network up, is a proxy or firewall in the way, do the hosts "
+    "exist and answer?",
+    "too_many_redirects": "the URLs redirect more than --max-redirects times (or in a loop)",
+    "too_large": "the bodies exceed --max-bytes",
+    "bad_content_type": "the URLs lead to pages, not images: is --url-column the image URL column?",
+    "not_an_image": "the bodies are not images (a login or error page?): is --url-column the image URL "
+    "column?",
+    "decode_error": "the images are truncated or corrupt",
+    "decompression_bomb": "the images exceed --max-pixels",
+    "too_small": "the images are smaller than --min-size",
+    "bad_aspect_ratio": "the images are more elongated than --max-aspect-ratio",
+    "unsupported_format": "the images are in a format this downloader does not decode",
+    "error": "an unexpected exception (see the reason): a bug, please report it with the reason",
+}
 
 
 @dataclass(frozen=True)
@@ -106,18 +133,24 @@ class Summary:
     duplicates: int | None
     output: str
     incomplete_parts: list[int]
+    # Set when every part is complete but holds no image at all: what failed and what to check. The CLI
+    # exits non-zero with it; no shard and no manifest were written.
+    failure: str | None = None
 
     @property
     def images_per_second(self) -> float:
         return self.successes / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        done = (
-            f"{self.total_samples} samples in {self.num_shards} shard(s), "
-            f"{self.duplicates} duplicate(s) dropped"
-            if self.total_samples is not None
-            else f"{len(self.incomplete_parts)} part(s) still incomplete: rerun the same command to resume"
-        )
+        if self.total_samples is None:
+            done = f"{len(self.incomplete_parts)} part(s) still incomplete: rerun the same command to resume"
+        elif self.total_samples == 0:
+            done = "no image in the whole output, so no shard was written"
+        else:
+            done = (
+                f"{self.total_samples} samples in {self.num_shards} shard(s), "
+                f"{self.duplicates} duplicate(s) dropped"
+            )
         return (
             f"downloaded {self.successes}/{self.rows} rows into {self.parts_written} part(s) in "
             f"{self.seconds:.1f} s ({self.images_per_second:.0f} images/s); {done}; output: {self.output}"
@@ -595,6 +628,49 @@ def _summary(
     )
 
 
+def _first_reasons(plan: Plan, statuses: set[str]) -> dict[str, tuple[str, str]]:
+    """status -> (url, reason) of its first row, read from the parts until every status has one."""
+    examples: dict[str, tuple[str, str]] = {}
+    for i in range(plan.num_parts):
+        rows = pq.read_table(plan.part_paths(i)[1], columns=["url", "status", "error"]).to_pylist()
+        for row in rows:
+            examples.setdefault(row["status"], (row["url"] or "", row["error"] or ""))
+        if statuses <= examples.keys():
+            break
+    return examples
+
+
+def _no_image_failure(plan: Plan, counts: dict[str, int], *, parts_kept: bool) -> str:
+    """The message of a complete output without a single image: the failures by status, with the first
+    row's reason and what to check for each, then how to go on."""
+    rows = sum(counts.values())
+    examples = _first_reasons(plan, set(counts)) if parts_kept else {}
+    lines = [
+        f"no image was downloaded: all {rows} input row(s) of {plan.input} failed, so {plan.out_dir} has "
+        "no shard and no manifest. Failures by status:"
+    ]
+    for status, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        line = f"  {status}: {n} row(s)"
+        if status in examples:
+            url, reason = examples[status]
+            line += f", e.g. {url}: {reason}"
+        lines.append(line)
+        lines.append(f"    check: {_CHECKS.get(status, 'see the reasons in the row parquets')}")
+    if parts_kept:
+        lines.append(
+            f"Every row's reason is in {plan.parts_dir}/part-*.parquet. After an outage, rerun the same "
+            "command with --retry-failed: only the failed rows are fetched again, then the shards are "
+            "written. A wrong column, input or image setting needs a new output folder (or remove "
+            f"{plan.out_dir} first)."
+        )
+    else:
+        lines.append(
+            "Its parts were deleted (--delete-parts), so it cannot be retried: download into a new output "
+            "folder."
+        )
+    return "\n".join(lines)
+
+
 def _finished_without_parts(config: DownloadConfig, plan: Plan, packed: dict, start: float) -> Summary:
     """A rerun on an output whose parts were deleted: nothing can be downloaded, retried or repacked."""
     if config.retry_failed:
@@ -615,7 +691,10 @@ def _finished_without_parts(config: DownloadConfig, plan: Plan, packed: dict, st
         raise InputError(
             f"{plan.out_dir}: its parts were deleted and its manifest is unreadable ({e})"
         ) from e
-    return _summary(plan, manifest, seconds=time.monotonic() - start)
+    summary = _summary(plan, manifest, seconds=time.monotonic() - start)
+    if manifest.get("num_samples") == 0:  # packed into one empty shard by an older version of this tool
+        summary.failure = _no_image_failure(plan, summary.status_counts, parts_kept=False)
+    return summary
 
 
 def run_download(
@@ -666,7 +745,22 @@ def run_download(
     written = {j.index for j in jobs} - set(incomplete)
     successes = bar.ok
     manifest = None
-    if not incomplete:
+    failure = None
+    part_stats = [] if incomplete else [plan.part_stats(i) or {} for i in range(plan.num_parts)]
+    if part_stats and not any(stats["successes"] for stats in part_stats):
+        # Not one image in the whole output: packing would give a single shard of zero samples. Write
+        # none (and remove one an older version wrote), keep the parts (the reasons, and --retry-failed
+        # needs them) and report the failures; the CLI exits non-zero on it.
+        clear_final_shards(plan)
+        counts: dict[str, int] = {}
+        for stats in part_stats:
+            for status, n in stats["status_counts"].items():
+                counts[status] = counts.get(status, 0) + n
+        manifest = {"status_counts": counts, "num_samples": 0, "num_shards": 0, "duplicates": 0}
+        failure = _no_image_failure(plan, counts, parts_kept=True)
+        if config.delete_parts:
+            log(f"kept the parts in {plan.parts_dir} despite --delete-parts: they hold the failures' reasons")
+    elif not incomplete:
         result = pack(plan, config.samples_per_shard, manifest_extra={"input": plan.input}, progress=progress)
         manifest = result.manifest
         if result.shards_written:
@@ -678,7 +772,7 @@ def run_download(
         if config.delete_parts:
             delete_parts(plan)
             log(f"deleted the parts in {plan.parts_dir}: this output can no longer be retried or repacked")
-    return _summary(
+    summary = _summary(
         plan,
         manifest,
         parts_written=len(written),
@@ -687,6 +781,8 @@ def run_download(
         seconds=time.monotonic() - start,
         incomplete_parts=incomplete,
     )
+    summary.failure = failure
+    return summary
 
 
 __all__ = [
