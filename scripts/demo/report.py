@@ -23,8 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from clip_train.curves import load_runs, plot_curves
 from clip_train.evaluation.plots import plot_confusion_matrix, plot_image_grid
-from clip_train.training.loggers import read_metrics
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -34,28 +34,6 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- figures
-def plot_training_curves(metrics_csv: Path, path: Path) -> Path:
-    """Loss, in-batch retrieval accuracy, temperature and learning rate against the optimiser step."""
-    rows = read_metrics(metrics_csv)
-    steps = sorted(s for s, m in rows.items() if "train/loss" in m)
-    panels = (
-        ("train/loss", "contrastive loss"),
-        ("train/image_to_text_accuracy", "in-batch image→text accuracy"),
-        ("train/logit_scale", "logit scale (1/temperature)"),
-        ("train/lr", "learning rate"),
-    )
-    fig = Figure(figsize=(12, 3))
-    for i, (key, title) in enumerate(panels):
-        ax = fig.add_subplot(1, 4, i + 1)
-        xs = [s for s in steps if key in rows[s]]
-        ax.plot(xs, [rows[s][key] for s in xs], lw=1)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
 def pair_counts(out: Path) -> dict[str, Counter]:
     """(shape, colour) → rows in the source, candidates kept by balancing, and samples downloaded."""
     truth = pq.read_table(out / "source" / "rows.parquet").to_pylist()
@@ -152,7 +130,7 @@ def write_report(
     figures.append(
         (
             "Training curves",
-            plot_training_curves(run_dir / "logs" / "metrics.csv", folder / "training_curves.png").name,
+            plot_curves(load_runs([run_dir]), folder / "training_curves.png").name,
         )
     )
     counts = pair_counts(out)
