@@ -39,7 +39,7 @@ def _full_state_dict_without_offload(module: nn.Module, world_size: int, rank0_o
 
 
 class FSDPOnCPU(FSDPStrategy):
-    runs_on_cpu = True  # read by clip_train.train.check_hardware
+    runs_on_cpu = True  # read by clip_train.training.preflight.check_hardware
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -63,7 +63,7 @@ class FSDPOnCPU(FSDPStrategy):
 
 
 class DeepSpeedOnCPU(ValidatingDeepSpeedStrategy):
-    runs_on_cpu = True  # read by clip_train.train.check_hardware
+    runs_on_cpu = True  # read by clip_train.training.preflight.check_hardware
 
     def setup_environment(self) -> None:
         # DeepSpeedStrategy's own check refuses anything but a CUDA accelerator; the rest is DDP's.

@@ -29,7 +29,8 @@ from clip_train.distillation import (
     side_file,
 )
 from clip_train.models import build_model
-from clip_train.train import CONFIG_DIR, ConfigError, train
+from clip_train.train import CONFIG_DIR, train
+from clip_train.training.preflight import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,9 @@ from data_support import write_crawler_shards
 from eval_support import write_colour_folder
 
 from clip_train.checkpoints import CheckpointError, load_model
-from clip_train.train import CONFIG_DIR, ConfigError, check_hardware
+from clip_train.train import CONFIG_DIR
 from clip_train.training.loggers import read_metrics
+from clip_train.training.preflight import ConfigError, check_hardware
 
 TESTS = Path(__file__).resolve().parent
 STRATEGIES = {

@@ -26,21 +26,18 @@ from clip_train.checkpoints import load_model
 from clip_train.data import ShardError, WebDatasetDataModule
 from clip_train.losses import ContrastiveLoss
 from clip_train.models import build_model
-from clip_train.train import (
-    CONFIG_DIR,
+from clip_train.train import CONFIG_DIR, build_strategy, resume_checkpoint, train
+from clip_train.training.lightning_module import CLIPTrainingModule, NonFiniteLossError
+from clip_train.training.loggers import read_metrics
+from clip_train.training.optim import warmup_cosine_schedule
+from clip_train.training.preflight import (
     ConfigError,
-    build_strategy,
     check_command_line,
     check_hardware,
     check_resumed_settings,
     per_rank_batch_size,
-    resume_checkpoint,
-    train,
     world_size,
 )
-from clip_train.training.lightning_module import CLIPTrainingModule, NonFiniteLossError
-from clip_train.training.loggers import read_metrics
-from clip_train.training.optim import warmup_cosine_schedule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The distillation experiments build their student from a teacher checkpoint: tests/test_distill_training.py.
