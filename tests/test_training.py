@@ -111,6 +111,17 @@ def test_an_appended_key_the_optimiser_or_schedule_does_not_take_is_refused_up_f
     assert not (tmp_path / "r").exists()
 
 
+def test_help_says_how_to_run_and_lists_every_group_option(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "clip_train", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Train a CLIP model: python -m clip_train")
+    assert "+experiment=vit_b32" in proc.stdout and "--cfg job" in proc.stdout
+    for group in ("experiment", "model", "trainer", "logger"):
+        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        assert f"{group}: {', '.join(options)}" in proc.stdout
+
+
 def test_command_lines_hydra_would_misread_are_refused_with_the_fix(tmp_path):
     # What bash makes of data.train_shards=/d/shard-{000000..000002}.tar unquoted; Hydra keeps the last.
     expanded = [f"data.train_shards=/d/shard-00000{i}.tar" for i in range(3)]
