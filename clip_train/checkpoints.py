@@ -19,7 +19,6 @@ inferred from the tensors like an OpenAI file, with a warning, and the activatio
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -33,9 +32,11 @@ from clip_train.models import CLIP, CLIPConfig, ModifiedResNetConfig, TextTransf
 from clip_train.models.configs import VisionTransformerConfig
 from clip_train.models.openai_layout import (
     CheckpointError,
+    check_checkpoint_file,
     config_from_openai_state_dict,
     load_openai_checkpoint,
     load_openai_state_dict,
+    torch_load_failure,
 )
 
 CONFIG_KEY = "clip_config"
@@ -139,6 +140,7 @@ def load_model(path: str | Path, *, quick_gelu: bool | None = None) -> CLIP:
 
 
 def _torch_load(path: Path) -> object:
+    check_checkpoint_file(path)  # a JPEG or a text file is named as such, not given torch's advice
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist()):
@@ -148,33 +150,11 @@ def _torch_load(path: Path) -> object:
                 )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # not a torch file at all, or one holding arbitrary (unsafe) objects
-        refused = _refused_object(exc)
-        if refused is not None:
-            raise CheckpointError(
-                f"cannot read {path} as a torch checkpoint of tensors: it holds other pickled objects, "
-                f"whose loading could run code (refused: {refused}). Expected {EXPECTED_KINDS}"
-            ) from exc
+    except Exception as exc:  # a damaged file, or one holding arbitrary (unsafe) objects
         raise CheckpointError(
-            f"cannot read {path} as a torch checkpoint of tensors ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Expected {EXPECTED_KINDS}"
+            f"cannot read {path} as a torch checkpoint of tensors: {torch_load_failure(exc)}. Expected "
+            f"{EXPECTED_KINDS}"
         ) from exc
-
-
-_WEIGHTS_UNPICKLER = "WeightsUnpickler error:"
-
-
-def _refused_object(exc: Exception) -> str | None:
-    """What torch's weights-only unpickler refused ("Unsupported global: GLOBAL io.open was not an allowed
-    global by default"), or None for another failure (e.g. a file that is no pickle at all, which raises
-    UnpicklingError too). Torch's message opens with advice on loading the file unsafely, with terminal
-    escape codes, and names the refused object only on a later line: that line is the reason to show."""
-    if not isinstance(exc, pickle.UnpicklingError):
-        return None
-    for line in str(exc).splitlines():
-        if _WEIGHTS_UNPICKLER in line:
-            return line.split(_WEIGHTS_UNPICKLER, 1)[1].strip().split(". ")[0].rstrip(".")
-    return None
 
 
 def _is_lightning(obj: object) -> bool:

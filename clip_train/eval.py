@@ -11,6 +11,8 @@ as a JSON report and PNG plots.
 
 Outputs in --out: report.json (metrics, per-class recall, confusion matrix, the most frequent confusions,
 the linear probe's accuracy and regularisation sweep), confusion_matrix.png and per_class_accuracy.png.
+Top-5 accuracy is reported only with more than 5 classes: with fewer, every image's class is among the top 5
+whatever the model, so report.json has "top5": null and says why under "top5_omitted".
 
 The linear probe (`--linear-probe`) fits logistic regression on the frozen image features of a training set
 and scores the classification set: the training set is `--probe-train` (an image folder with the same
@@ -41,15 +43,18 @@ from clip_train.evaluation.plots import plot_confusion_matrix, plot_per_class_ac
 from clip_train.evaluation.retrieval import evaluate_retrieval
 from clip_train.evaluation.templates import builtin_template_sets, load_classnames, load_templates
 from clip_train.evaluation.zero_shot import ZeroShotResult, evaluate_zero_shot
+from clip_train.models.openai_layout import check_checkpoint_file
 
 _TOP_CONFUSIONS = 20
+_TOP_K = 5  # the k of ClassificationMetrics.top5
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clip_train.eval",
         description="Zero-shot classification and retrieval of a CLIP checkpoint: JSON report, PNG plots.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # No ArgumentDefaultsHelpFormatter: the help texts state their defaults where there is one to state
+        # (it would add "(default: None)" to required options and repeat the hand-written ones).
     )
     add_model_arguments(parser)
     data = parser.add_mutually_exclusive_group()
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--templates",
         default="single",
         help=f"prompt templates: a built-in set ({', '.join(builtin_template_sets())}) or a file with one "
-        "template per line containing {}",
+        "template per line containing {} (default: single)",
     )
     retrieval = parser.add_mutually_exclusive_group()
     retrieval.add_argument("--retrieval-folder", help="retrieval set: images with same-named .txt captions")
@@ -93,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-test-fraction",
         type=float,
         default=0.3,
-        help="without --probe-train: the fraction of each class's images the probe is tested on",
+        help="without --probe-train: the fraction of each class's images the probe is tested on "
+        "(default 0.3)",
     )
     parser.add_argument("--name", default="", help="dataset name in the report (default: the folder's name)")
     parser.add_argument("--out", required=True, help="output folder for report.json and the plots")
@@ -103,12 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _classification_set(args: argparse.Namespace) -> ClassificationSet | None:
     classnames = load_classnames(args.classnames) if args.classnames else None
     if args.imagefolder:
-        return image_folder(args.imagefolder, classnames, name=args.name)
-    if args.shards:
+        found = image_folder(args.imagefolder, classnames, name=args.name)
+    elif args.shards:
         if classnames is None:
             raise ValueError("--shards needs --classnames (line i names label i)")
-        return labelled_shards(args.shards, classnames, name=args.name)
-    return None
+        found = labelled_shards(args.shards, classnames, name=args.name)
+    else:
+        return None
+    if len(found.classnames) < 2:  # every image would be classified correctly, whatever the model
+        raise ValueError(
+            f"{args.imagefolder or args.classnames} has only 1 class ({', '.join(found.classnames)}): "
+            "zero-shot classification needs at least 2"
+        )
+    return found
 
 
 def _retrieval_set(args: argparse.Namespace) -> RetrievalSet | None:
@@ -153,11 +166,26 @@ def top_confusions(result: ZeroShotResult, limit: int = _TOP_CONFUSIONS) -> list
     ]
 
 
+def zero_shot_report(result: ZeroShotResult) -> dict[str, Any]:
+    """The report's "zero_shot" entry. With 5 classes or fewer, top-5 is 1.0 whatever the model (every class
+    is among the top 5): "top5" is kept, as null, for readers of the key, and "top5_omitted" says why."""
+    report = {**result.to_dict(), "top_confusions": top_confusions(result)}
+    if len(result.classnames) <= _TOP_K:
+        report["top5"] = None
+        report["top5_omitted"] = _top5_omitted(len(result.classnames))
+    return report
+
+
+def _top5_omitted(num_classes: int) -> str:
+    return f"only {num_classes} classes: every image's class is among the top {_TOP_K}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     if not (args.imagefolder or args.shards or args.retrieval_folder or args.retrieval_shards):
         raise ValueError("nothing to evaluate: give --imagefolder or --shards, and/or a --retrieval-* set")
+    check_checkpoint_file(args.checkpoint)  # before the plan line, which would claim to be evaluating it
     templates = load_templates(args.templates)
     classification = _classification_set(args)
     retrieval = _retrieval_set(args)
@@ -185,16 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if classification is not None:
         result = evaluate_zero_shot(model, classification, templates, **common)
-        report["zero_shot"] = {**result.to_dict(), "top_confusions": top_confusions(result)}
+        report["zero_shot"] = zero_shot_report(result)
         m = result.metrics
         title = f"{result.dataset}: zero-shot top-1 {m.top1:.3f}"
         plot_confusion_matrix(m.confusion, result.classnames, out / "confusion_matrix.png", title=title)
         plot_per_class_accuracy(
             m.per_class_recall, result.classnames, out / "per_class_accuracy.png", title=title
         )
-        summary.append(
-            f"zero-shot top-1 {m.top1:.4f}, top-5 {m.top5:.4f}, mean per-class {m.mean_per_class_recall:.4f}"
+        top5 = (
+            f"top-5 {m.top5:.4f}"
+            if len(result.classnames) > _TOP_K
+            else f"top-5 left out ({_top5_omitted(len(result.classnames))})"
         )
+        summary.append(f"zero-shot top-1 {m.top1:.4f}, {top5}, mean per-class {m.mean_per_class_recall:.4f}")
     if probe_sets is not None:
         train, test = probe_sets
         probe = evaluate_linear_probe(model, train, test, **common)

@@ -8,15 +8,20 @@
 
 The index file (torch.save of tensors, strings and numbers only; read with weights_only=True) holds the
 unit-norm image features, where each image lives (file, or tar member with its byte range), the checkpoint
-path and the model's config. A query embeds its texts with that checkpoint (or --checkpoint) and writes,
-per query, a PNG grid of the top-k images, plus one HTML page with all queries (thumbnails in images/).
+path, the model's config and a fingerprint of its weights (SHA-256 of the state dict). A query embeds its
+texts with that checkpoint (or --checkpoint), refusing a model whose config or weights differ from those
+that built the index, and writes, per query, a PNG grid of the top-k images, plus one HTML page with all
+queries (thumbnails in images/). An index written before the fingerprint was recorded still loads, with a
+warning that the weights cannot be checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import html
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +34,11 @@ from clip_train.evaluation.datasets import ImageRef, list_images, load_image, sh
 from clip_train.evaluation.embedding import embed_images, embed_texts, tokenizer_for
 from clip_train.evaluation.plots import plot_image_grid
 from clip_train.evaluation.retrieval import top_k_matches
+from clip_train.models.openai_layout import check_checkpoint_file, checkpoint_file_problem, torch_load_failure
 
+# Unchanged by the optional "weights_sha256" entry: older code ignores it, and an index without it loads.
 INDEX_FORMAT = "clip_train.search_index/1"
+FINGERPRINT_KEY = "weights_sha256"
 _THUMBNAIL = 256
 
 
@@ -67,9 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ index
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 (hex) of the model's state dict: every entry's name, dtype, shape and bytes, in name order.
+    Equal for the same weights loaded from any of the checkpoint formats (all load as float32 under our
+    names); different for another training run or step of the same architecture, which the config alone
+    cannot tell apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{values.dtype}|{tuple(values.shape)};".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+    return digest.hexdigest()
+
+
 def write_index(
-    path: Path, embeds: torch.Tensor, refs: list[ImageRef], checkpoint: str, config: dict
+    path: Path,
+    embeds: torch.Tensor,
+    refs: list[ImageRef],
+    checkpoint: str,
+    config: dict,
+    fingerprint: str | None = None,
 ) -> Path:
+    """Write the index; `fingerprint` is `weights_fingerprint` of the model that made `embeds` (None
+    writes an index of the older format, without it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -81,6 +109,7 @@ def write_index(
             "sizes": torch.tensor([r.size for r in refs], dtype=torch.long),
             "checkpoint": str(Path(checkpoint).resolve()),
             "clip_config": config,
+            **({FINGERPRINT_KEY: fingerprint} if fingerprint is not None else {}),
         },
         path,
     )
@@ -92,10 +121,18 @@ def read_index(path: str | Path) -> tuple[torch.Tensor, list[ImageRef], dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"index file not found: {path}")
+    problem = checkpoint_file_problem(path)  # an image or a text file: say so, not what torch.load says
+    if problem is not None:
+        raise SearchIndexError(
+            f"{path} is not a search index ({problem}); write one with `python -m clip_train.search index`"
+        )
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise SearchIndexError(f"cannot read {path} as a search index: {type(exc).__name__}: {exc}") from exc
+        raise SearchIndexError(
+            f"cannot read {path} as a search index: {torch_load_failure(exc)}; write one with "
+            "`python -m clip_train.search index`"
+        ) from exc
     if not isinstance(record, dict) or record.get("format") != INDEX_FORMAT:
         raise SearchIndexError(f"{path} is not a search index written by `python -m clip_train.search index`")
     refs = [
@@ -112,13 +149,15 @@ def _index(args: argparse.Namespace) -> int:
     refs = list_images(args.images) if args.images else shard_images(args.shards)
     if not refs:
         raise ValueError(f"no images found in {args.images or args.shards}")
+    check_checkpoint_file(args.checkpoint)  # before the plan line, which would claim to be indexing
     out = Path(args.out)
     print(f"indexing {len(refs)} images from {args.images or args.shards} with {args.checkpoint} into {out}")
     model = model_from_arguments(args)
     embeds = embed_images(
         model, refs, batch_size=args.batch_size, num_workers=args.workers, progress="embedding images"
     )
-    write_index(out, embeds, refs, args.checkpoint, clip_config_to_dict(model.config))
+    config = clip_config_to_dict(model.config)
+    write_index(out, embeds, refs, args.checkpoint, config, weights_fingerprint(model))
     size = out.stat().st_size / 2**20
     elapsed = time.perf_counter() - started
     print(f"indexed {len(refs)} images ({embeds.shape[1]}-d) in {elapsed:.1f} s → {out} ({size:.1f} MiB)")
@@ -140,22 +179,54 @@ def _thumbnail(ref: ImageRef, path: Path) -> Path:
     return path
 
 
+def _queries(n: int) -> str:
+    return f"{n} {'query' if n == 1 else 'queries'}"
+
+
+def _check_same_model(model: torch.nn.Module, record: dict[str, Any], checkpoint: str, index: str) -> None:
+    """Refuse a model other than the one that built the index: its text features would be compared with
+    image features of another embedding space, and the rankings would be meaningless."""
+    if clip_config_to_dict(model.config) != record["clip_config"]:
+        raise ValueError(
+            f"{checkpoint} is not the model that built {index}: their configs differ, so text and "
+            "image features would not be comparable"
+        )
+    expected = record.get(FINGERPRINT_KEY)
+    if expected is None:
+        print(
+            f"warning: {index} has no fingerprint of the weights that built it (an index from an older "
+            f"clip_train), so it cannot be checked that {checkpoint} holds those weights; rankings are "
+            "meaningless if it does not. Rebuild the index with `python -m clip_train.search index` to "
+            "have it checked",
+            file=sys.stderr,
+        )
+    elif weights_fingerprint(model) != expected:
+        raise ValueError(
+            f"{checkpoint} is not the model that built {index}: same architecture, but other weights (their "
+            "SHA-256 fingerprints differ), so text and image features would not be comparable. Query with "
+            "the checkpoint that built the index, or rebuild the index with this one "
+            "(`python -m clip_train.search index --checkpoint ...`)"
+        )
+
+
 def _query(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     embeds, refs, record = read_index(args.index)
+    if args.checkpoint is None and not Path(record["checkpoint"]).exists():
+        raise FileNotFoundError(
+            f"checkpoint not found: {record['checkpoint']}, the model that built {args.index}; pass "
+            "--checkpoint with (a copy of) that model"
+        )
     args.checkpoint = args.checkpoint or record["checkpoint"]
+    check_checkpoint_file(args.checkpoint)
     out = Path(args.out)
-    n = len(args.texts)
-    print(f"searching {len(refs)} images of {args.index} for {n} quer(y/ies), top {args.top_k}; to {out}")
+    queries_text = _queries(len(args.texts))
+    print(f"searching {len(refs)} images of {args.index} for {queries_text}, top {args.top_k}; to {out}")
     args.batch_size, args.workers = 1, 0
     model = model_from_arguments(args)
-    if clip_config_to_dict(model.config) != record["clip_config"]:
-        raise ValueError(
-            f"{args.checkpoint} is not the model that built {args.index}: their configs differ, so text and "
-            "image features would not be comparable"
-        )
+    _check_same_model(model, record, args.checkpoint, args.index)
     queries = embed_texts(model, tokenizer_for(model), args.texts)
     scores, indices = top_k_matches(queries, embeds, args.top_k)
     sections = []
@@ -192,7 +263,7 @@ def _query(args: argparse.Namespace) -> int:
         encoding="utf-8",
     )
     elapsed = time.perf_counter() - started
-    print(f"searched {len(refs)} images for {n} quer(y/ies) in {elapsed:.1f} s → {page}")
+    print(f"searched {len(refs)} images for {queries_text} in {elapsed:.1f} s → {page}")
     return 0
 
 

@@ -37,9 +37,10 @@ from torch import Tensor
 
 from clip_train.data.transforms import eval_transform, normalize_batch, stack_uint8
 from clip_train.evaluation import embed_texts, list_images, shard_images, tokenizer_for
-from clip_train.evaluation.datasets import ImageRef, load_image
+from clip_train.evaluation.datasets import IMAGE_SUFFIXES, ImageRef, load_image
 from clip_train.evaluation.linear_probe import fit_logistic_regression
 from clip_train.models import CLIP
+from clip_train.models.openai_layout import check_checkpoint_file
 
 SUFFIX = ".textness.pt"
 DEFAULT_SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)
@@ -93,7 +94,9 @@ def with_rendered_words(
 
 
 def load_images(source: str, limit: int | None = None) -> list[Image.Image]:
-    """RGB images of a folder (recursively) or of shards (a pattern or a folder with manifest.json)."""
+    """RGB images of a folder (recursively) or of shards (a pattern or a folder with manifest.json).
+    Raises TextnessError when there are none: the probe's own complaint about an empty set ("needs images
+    with and without text") would hide that nothing was found."""
     refs: list[ImageRef]
     path = Path(source)
     refs = (
@@ -101,6 +104,11 @@ def load_images(source: str, limit: int | None = None) -> list[Image.Image]:
         if path.is_dir() and not (path / "manifest.json").is_file()
         else shard_images(source)
     )
+    if not refs:
+        raise TextnessError(
+            f"no images found in {source} (image files: {', '.join(IMAGE_SUFFIXES)}, searched recursively; "
+            "or WebDataset shards)"
+        )
     return [load_image(ref) for ref in refs[:limit]]
 
 
@@ -395,22 +403,56 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--max-images", type=int, default=1000, help="use at most this many images (default 1000)"
         )
-        p.add_argument("--seed", type=int, default=0)
-    train.add_argument("--words", default=",".join(DEFAULT_WORDS), help="comma-separated words to render")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the words rendered (which word, where, what colour) and of the probe's held-out "
+        "split (default 0)",
+    )
+    train.add_argument(
+        "--words",
+        default=",".join(DEFAULT_WORDS),
+        help=f"comma-separated words to render (default: {len(DEFAULT_WORDS)} everyday words: "
+        f"{', '.join(DEFAULT_WORDS[:3])}, ...)",
+    )
     train.add_argument(
         "--out", help=f"where to write the direction (default: <checkpoint stem>{SUFFIX} beside it)"
     )
     evaluate.add_argument(
         "--direction", help=f"the direction file (default: <checkpoint stem>{SUFFIX} beside it)"
     )
+    evaluate.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of which images get a query word written on them, and of the word's look (default 0)",
+    )
     evaluate.add_argument("--queries", required=True, help="comma-separated query words")
-    evaluate.add_argument("--scales", default=",".join(f"{s:g}" for s in DEFAULT_SCALES))
+    scales = ",".join(f"{s:g}" for s in DEFAULT_SCALES)
+    evaluate.add_argument(
+        "--scales",
+        default=scales,
+        help="comma-separated steering scales, in units of the query's norm: below 0 favours what the "
+        f"images show, above 0 the words written on them, 0 is the unsteered query (default {scales}; with "
+        "'=' when the first is negative, as argparse takes -2,... for an option: --scales=-1,0,1)",
+    )
     evaluate.add_argument(
         "--template", default="a photo of a {}.", help="query template (default 'a photo of a {}.')"
     )
-    evaluate.add_argument("--k", type=int, default=10)
+    evaluate.add_argument(
+        "--k", type=int, default=10, help="top-k images per query and scale, shown and scored (default 10)"
+    )
     evaluate.add_argument("--out", required=True, help="folder for the PNG grids and textness_eval.json")
     return parser
+
+
+def _scales(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        message = f"--scales takes comma-separated numbers, e.g. --scales=-2,0,2; got {text!r}"
+        raise TextnessError(message) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,8 +460,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    model = model_from_arguments(args)
+    if args.max_images < 1:
+        raise TextnessError(f"--max-images must be at least 1, got {args.max_images}")
+    scales = _scales(args.scales) if args.command == "evaluate" else []
+    if args.command == "evaluate" and args.k < 1:
+        raise TextnessError(f"--k must be at least 1, got {args.k}")
+    # The cheap checks of the inputs first, then the images, and the model (seconds to load) last.
+    check_checkpoint_file(args.checkpoint)
     images = load_images(args.images, args.max_images)
+    model = model_from_arguments(args)
     if args.command == "train":
         words = [w.strip() for w in args.words.split(",") if w.strip()]
         print(
@@ -436,7 +485,6 @@ def main(argv: list[str] | None = None) -> int:
         args.direction or TextnessDirection.path_for(args.checkpoint), model.config.embed_dim
     )
     queries = [q.strip() for q in args.queries.split(",") if q.strip()]
-    scales = [float(s) for s in args.scales.split(",")]
     print(
         f"steering {len(queries)} queries at scales {scales} over {len(images)} images "
         "(half with the words written)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,24 +36,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", nargs="*", default=[], help="text files, one text per line")
     p.add_argument("--titles", nargs="*", default=[], help="title files, one title per line")
     p.add_argument("--lists", nargs="*", default=[], help="user query lists, kept as they are (one per line)")
-    p.add_argument("--min-word-count", type=int, default=BuilderConfig.min_word_count)
-    p.add_argument("--min-bigram-count", type=int, default=BuilderConfig.min_bigram_count)
-    p.add_argument("--min-pmi", type=float, default=BuilderConfig.min_pmi, help="natural-log PMI threshold")
+    p.add_argument(
+        "--min-word-count",
+        type=int,
+        default=BuilderConfig.min_word_count,
+        help=f"corpus occurrences a word needs to become a query (default {BuilderConfig.min_word_count})",
+    )
+    p.add_argument(
+        "--min-bigram-count",
+        type=int,
+        default=BuilderConfig.min_bigram_count,
+        help=f"corpus occurrences a two-word phrase needs (default {BuilderConfig.min_bigram_count})",
+    )
+    p.add_argument(
+        "--min-pmi",
+        type=float,
+        default=BuilderConfig.min_pmi,
+        help=f"natural-log PMI a two-word phrase needs (default {BuilderConfig.min_pmi:g}: its words "
+        f"together about {math.exp(BuilderConfig.min_pmi):.0f} times more often than by chance)",
+    )
     p.add_argument(
         "--min-title-count",
         type=int,
         default=BuilderConfig.min_title_count,
-        help="corpus texts a title must occur in (0: keep every title)",
+        help="corpus texts a title must occur in (0: keep every title; default "
+        f"{BuilderConfig.min_title_count})",
     )
-    p.add_argument("--max-queries", type=int, default=None)
+    p.add_argument(
+        "--max-queries",
+        type=int,
+        default=None,
+        help="at most this many queries in all: the lists' first, then words, phrases and titles, each "
+        "most frequent first (default: no limit)",
+    )
     p.add_argument("--out", required=True, help="output query list")
     args = p.parse_args(argv)
 
     start = time.perf_counter()
     paths = [*args.corpus, *args.titles, *args.lists]
     missing = [f for f in paths if not Path(f).is_file()]
-    if missing or not paths:
-        print(f"error: {'file not found: ' + missing[0] if missing else 'no input given'}", file=sys.stderr)
+    if not paths:
+        print(
+            "error: no input given: pass at least one of --corpus (texts to mine words and phrases from), "
+            "--titles (title files) or --lists (query lists kept as they are), each a file with one entry "
+            "per line",
+            file=sys.stderr,
+        )
+        return 2
+    if missing:
+        print(f"error: file not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     print(
         f"build_queries: {len(args.corpus)} corpus, {len(args.titles)} title, {len(args.lists)} list file(s) "

@@ -43,6 +43,15 @@ def test_cli_writes_list_and_counts(tmp_path, capsys):
     )
     assert capsys.readouterr().out.startswith("wrote ")
     assert cli.main(["--corpus", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: file not found: {tmp_path / 'none.txt'}\n"
+
+
+def test_cli_without_input_names_the_options_that_give_it(tmp_path, capsys):
+    assert cli.main(["--out", str(tmp_path / "queries.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no input given: pass at least one of --corpus ")
+    assert "--titles" in err and "--lists" in err
+    assert not (tmp_path / "queries.txt").exists()
 
 
 def test_cli_help(capsys):

@@ -33,6 +33,7 @@ from clip_train.evaluation import (
 )
 from clip_train.evaluation.cli_common import run
 from clip_train.evaluation.embedding import embed_images, embed_texts, tokenizer_for
+from clip_train.evaluation.zero_shot import ZeroShotResult, classification_metrics
 from clip_train.models.openai_layout import save_openai_checkpoint
 from clip_train.tokenizer import Tokenizer
 
@@ -49,10 +50,30 @@ def material(tmp_path_factory) -> Path:
 
 
 def _fails(main, argv: list[str], capsys) -> str:
+    return _refused(main, argv, capsys)[1]
+
+
+def _refused(main, argv: list[str], capsys) -> tuple[str, str]:
+    """(stdout, stderr) of a run that ends with exit status 2."""
     with pytest.raises(SystemExit) as exit_info:
         run(main, argv)
     assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """Option → its help text on one line, from an argparse --help (an entry starts at a line indented by
+    2 spaces and a dash; the lines indented further continue it)."""
+    entries: dict[str, str] = {}
+    option = None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            option = line.split()[0].rstrip(",")
+            entries[option] = line
+        elif option is not None and line.startswith("   "):
+            entries[option] += " " + line.strip()
+    return entries
 
 
 @pytest.mark.parametrize(
@@ -81,6 +102,25 @@ def test_help(module, argv: list[str], names: set[str], capsys):
     assert names <= words, names - words
 
 
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [(eval_cli, []), (predict, []), (search, ["index"]), (search, ["query"])],
+    ids=["eval", "predict", "search-index", "search-query"],
+)
+def test_help_states_each_default_once(module, argv: list[str], capsys):
+    # The audit's finding: "(default 64) (default: 64)", "(default: None)" on required options.
+    with pytest.raises(SystemExit):
+        module.main([*argv, "--help"])
+    entries = _help_entries(capsys.readouterr().out)
+    assert "--checkpoint" in entries or "--index" in entries  # the premise: the entries were found
+    for entry in entries.values():
+        assert len(re.findall(r"\(default", entry)) <= 1, entry
+        assert "(default: None)" not in entry and "(default: )" not in entry, entry
+    if module is eval_cli:
+        assert "(default: single)" in entries["--templates"]
+        assert "(default 0.3)" in entries["--probe-test-fraction"]
+
+
 def test_eval_writes_report_and_plots(material, tmp_path, capsys):
     out = tmp_path / "report"
     argv = [
@@ -98,7 +138,10 @@ def test_eval_writes_report_and_plots(material, tmp_path, capsys):
     assert eval_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("evaluating ") and "zero-shot top-1" in printed.splitlines()[-1]
+    # 3 classes: every image's class is among the top 5, so top-5 says nothing and is left out.
+    assert "top-5 left out (only 3 classes" in printed.splitlines()[-1]
     report = json.loads((out / "report.json").read_text())
+    assert report["zero_shot"]["top5"] is None and "only 3 classes" in report["zero_shot"]["top5_omitted"]
     expected = evaluate_zero_shot(
         tiny_model(seed=11), image_folder(material / "colours"), load_templates("imagenet80")
     )
@@ -108,6 +151,70 @@ def test_eval_writes_report_and_plots(material, tmp_path, capsys):
     assert set(report["retrieval"]) >= {"image_to_text_R@1", "text_to_image_R@10"}
     for png in ("confusion_matrix.png", "per_class_accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("num_classes", [5, 6])
+def test_top5_is_reported_with_more_than_5_classes_only(num_classes: int):
+    logits = torch.randn(30, num_classes, generator=torch.Generator().manual_seed(0))
+    # Each image's class is its lowest-scoring one: outside the top 5 of 6 classes, inside the top 5 of 5.
+    labels = logits.argmin(dim=1)
+    metrics = classification_metrics(logits, labels)
+    classnames = [f"class{i}" for i in range(num_classes)]
+    result = ZeroShotResult("synthetic", classnames, 1, metrics, logits.argmax(dim=1), logits.softmax(dim=1))
+    report = eval_cli.zero_shot_report(result)
+    if num_classes == 6:
+        assert report["top5"] == 0.0 and "top5_omitted" not in report
+    else:
+        assert metrics.top5 == 1.0  # the premise: whatever the scores
+        assert report["top5"] is None
+        assert report["top5_omitted"] == "only 5 classes: every image's class is among the top 5"
+    assert report["top1"] == 0.0 and json.dumps(report)  # the rest as before, and JSON-safe
+
+
+def test_eval_refuses_a_single_class(material, tmp_path, capsys):
+    folder = tmp_path / "one"
+    (folder / "red").mkdir(parents=True)
+    (folder / "red" / "a.jpg").write_bytes((material / "colours" / "red" / "red_0.jpg").read_bytes())
+    argv = ["--checkpoint", str(material / "model.pt"), "--imagefolder", str(folder)]
+    out, err = _refused(eval_cli.main, [*argv, "--out", str(tmp_path / "o")], capsys)
+    assert err == (f"error: {folder} has only 1 class (red): zero-shot classification needs at least 2\n")
+    assert out == "" and not (tmp_path / "o").exists()
+
+
+def _not_checkpoints(folder: Path, material: Path) -> dict[str, tuple[Path, str]]:
+    """Files given by mistake as a checkpoint or index: name → (path, what the error must call it)."""
+    photo = folder / "photo.jpg"
+    photo.write_bytes((material / "colours" / "red" / "red_0.jpg").read_bytes())
+    notes = folder / "notes.txt"
+    notes.write_text("a red square\n")
+    renamed = folder / "model.pt"  # the extension of a checkpoint, the bytes of a PNG
+    Image.new("RGB", (8, 8)).save(renamed, format="PNG")
+    return {
+        "jpeg": (photo, "a JPEG image"),
+        "text": (notes, "a text file"),
+        "png": (renamed, "a PNG image"),
+    }
+
+
+def test_a_file_that_is_no_checkpoint_is_named_before_anything_runs(material, tmp_path, capsys):
+    image = str(material / "colours" / "red" / "red_0.jpg")
+    for path, kind in _not_checkpoints(tmp_path, material).values():
+        expected = f"error: {path} is not a PyTorch checkpoint or safetensors file: it is {kind}\n"
+        runs = [
+            (eval_cli.main, ["--imagefolder", str(material / "colours"), "--out", str(tmp_path / "o")]),
+            (predict.main, [image, "a cat"]),
+            (search.main, ["index", "--images", str(material / "colours"), "--out", str(tmp_path / "i.pt")]),
+        ]
+        for main, argv in runs:
+            if main is search.main:
+                argv = [argv[0], "--checkpoint", str(path), *argv[1:]]
+            else:
+                argv = ["--checkpoint", str(path), *argv]
+            out, err = _refused(main, argv, capsys)
+            # One short line, without torch's advice to load the file unsafely; no plan line before it.
+            assert err == expected, (main.__module__, err)
+            assert out == "", (main.__module__, out)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "i.pt").exists()
 
 
 def test_eval_on_labelled_shards(material, tmp_path, capsys):
@@ -178,9 +285,9 @@ def test_eval_bad_inputs(material, tmp_path, capsys):
         "--out",
         str(tmp_path / "o"),
     ]
-    assert "checkpoint not found: " in _fails(
-        eval_cli.main, ["--checkpoint", "nowhere.ckpt", *base[2:]], capsys
-    )
+    out, err = _refused(eval_cli.main, ["--checkpoint", "nowhere.ckpt", *base[2:]], capsys)
+    assert err == "error: checkpoint not found: nowhere.ckpt\n"
+    assert out == ""  # the plan line ("evaluating nowhere.ckpt…") would contradict the error
     bad = tmp_path / "bad_templates.txt"
     bad.write_text("a photo of a thing.\n")
     err = _fails(eval_cli.main, [*base, "--templates", str(bad)], capsys)
@@ -302,6 +409,9 @@ def test_predict_bad_inputs(material, capsys):
     assert "image not found: missing.png" in err and "--" in err
     err = _fails(predict.main, ["--checkpoint", model, "a cat", "a dog"], capsys)
     assert "no images given" in err
+    out, err = _refused(predict.main, ["--checkpoint", "nowhere.ckpt", image, "a cat"], capsys)
+    # The plan line goes to stderr too: the error must be all there is.
+    assert (out, err) == ("", "error: checkpoint not found: nowhere.ckpt\n")
 
 
 def _build_index(material: Path, index: Path) -> None:
@@ -331,7 +441,10 @@ def test_search_index_then_query(material, tmp_path, capsys):
     out = tmp_path / "results"
     queries = ["a red circle", "blue"]
     assert search.main(["query", "--index", str(index), *queries, "--top-k", "4", "--out", str(out)]) == 0
-    assert "index.html" in capsys.readouterr().out.splitlines()[-1]
+    printed = capsys.readouterr().out.splitlines()
+    assert "index.html" in printed[-1]
+    assert " for 2 queries, top 4;" in printed[0]
+    assert printed[-1].startswith("searched 6 images for 2 queries ")
     page = (out / "index.html").read_text()
     assert page.count("<figure>") == 8
     assert len(list((out / "images").glob("*.jpg"))) == 8
@@ -372,6 +485,55 @@ def test_search_query_refusals(material, tmp_path, capsys):
     err = _fails(search.main, argv, capsys)
     assert f"error: {other} is not the model that built {index}: their configs differ" in err
     assert not out.exists()
+
+
+def test_search_query_refuses_other_weights_of_the_same_architecture(material, tmp_path, capsys):
+    index = tmp_path / "idx.pt"
+    _build_index(material, index)
+    out = tmp_path / "results"
+    retrained = save_model(tiny_model(seed=12), tmp_path / "retrained.pt")  # same config, other weights
+    argv = ["query", "--index", str(index), "red", "--checkpoint", str(retrained), "--out", str(out)]
+    capsys.readouterr()
+    _, err = _refused(search.main, argv, capsys)
+    assert err.startswith(
+        f"error: {retrained} is not the model that built {index}: same architecture, but other weights"
+    )
+    assert "rebuild the index" in err and not out.exists()
+    # The same weights in another file format are the same model: accepted.
+    same = save_openai_checkpoint(tiny_model(seed=11), tmp_path / "same.safetensors")
+    argv = ["query", "--index", str(index), "red", "--checkpoint", str(same), "--out", str(out)]
+    assert search.main(argv) == 0
+    captured = capsys.readouterr()
+    assert " for 1 query, top 16;" in captured.out and "warning" not in captured.err
+
+
+def test_search_index_without_a_fingerprint_loads_with_a_warning(material, tmp_path, capsys):
+    index = tmp_path / "old.pt"
+    _build_index(material, index)
+    record = torch.load(index, weights_only=True)
+    assert len(record.pop(search.FINGERPRINT_KEY)) == 64  # the premise: a SHA-256 was written
+    torch.save(record, index)  # as an index written before the fingerprint was
+    capsys.readouterr()
+    out = tmp_path / "results"
+    retrained = save_model(tiny_model(seed=12), tmp_path / "retrained.pt")
+    for checkpoint in (material / "model.pt", retrained):  # neither can be checked
+        argv = ["query", "--index", str(index), "red", "--checkpoint", str(checkpoint), "--out", str(out)]
+        assert search.main(argv) == 0
+        err = capsys.readouterr().err
+        assert err.startswith(f"warning: {index} has no fingerprint of the weights that built it"), err
+        assert f"cannot be checked that {checkpoint} holds those weights" in err
+    assert (out / "index.html").is_file()
+
+
+def test_search_query_on_a_file_that_is_no_index(material, tmp_path, capsys):
+    for path, kind in _not_checkpoints(tmp_path, material).values():
+        argv = ["query", "--index", str(path), "cat", "--out", str(tmp_path / "o")]
+        out, err = _refused(search.main, argv, capsys)
+        assert (out, err) == (
+            "",
+            f"error: {path} is not a search index (it is {kind}); write one with "
+            "`python -m clip_train.search index`\n",
+        )
 
 
 def test_search_bad_inputs(material, tmp_path, capsys):

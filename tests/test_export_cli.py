@@ -4,6 +4,7 @@ model the format cannot express."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,21 @@ def test_help_names_the_formats(capsys: pytest.CaptureFixture[str]) -> None:
         "huggingface",
     ):
         assert word in text
+
+
+def test_help_states_each_default_once(capsys: pytest.CaptureFixture[str]) -> None:
+    # The audit's finding: "(default: None)" on required options and defaults stated twice.
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out.split("options:", 1)[1]
+    # An option's entry starts at a line indented by 2, then "-" (the first split part is the heading's end).
+    entries = re.split(r"\n  (?=-)", text)[1:]
+    assert len(entries) == 8  # the premise: -h and the 7 options
+    for entry in entries:
+        entry = " ".join(entry.split())
+        assert len(re.findall(r"\(default", entry)) <= 1, entry
+        assert "(default: None)" not in entry and "(default: False)" not in entry, entry
+    assert "(default auto:" in text
 
 
 def test_plan_and_summary(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -95,6 +111,16 @@ def test_not_a_clip_checkpoint_in_process(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_jpeg_as_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(100))
+    with pytest.raises(CheckpointError) as refused:
+        main(["--checkpoint", str(photo), "--format", "onnx", "--out", str(tmp_path / "out")])
+    expected = f"{photo} is not a PyTorch checkpoint or safetensors file: it is a JPEG image"
+    assert str(refused.value) == expected
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_format(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--checkpoint", str(checkpoint), "--format", "tflite", "--out", str(tmp_path / "out")])
@@ -112,8 +138,11 @@ def test_occupied_output_folder_needs_overwrite(checkpoint: Path, tmp_path: Path
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     args = ["--checkpoint", str(checkpoint), "--format", "openai", "--out", str(out)]
-    with pytest.raises(ExportError, match=r"out exists and is not empty.*--overwrite"):
+    with pytest.raises(ExportError, match=r"out exists and is not empty.*--overwrite") as refused:
         main(args)
+    # In the CLI's words only: the library's "overwrite=True" means nothing to its user.
+    assert "overwrite=True" not in str(refused.value)
+    assert str(refused.value).startswith(f"--out {out} exists and is not empty; choose a new folder")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert main([*args, "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "keep me"  # files of other names are left alone

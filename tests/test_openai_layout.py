@@ -14,6 +14,8 @@ from torch import nn
 from clip_train.models import CLIP, build_model
 from clip_train.models.openai_layout import (
     CheckpointError,
+    check_checkpoint_file,
+    checkpoint_file_problem,
     config_from_openai_state_dict,
     load_openai_checkpoint,
     load_openai_state_dict,
@@ -214,8 +216,13 @@ class _Payload(nn.Module):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_loading_runs_no_code(tmp_path: Path, vit_state: dict) -> None:
     torch.save({"state_dict": vit_state, "hook": _Payload()}, tmp_path / "pickled.pt")
-    with pytest.raises(CheckpointError, match=r"cannot read .* as a plain torch checkpoint of tensors"):
+    with pytest.raises(CheckpointError, match=r"cannot read .* as a plain torch checkpoint of tensors") as e:
         load_openai_checkpoint(tmp_path / "pickled.pt")
+    # What was refused, on one line: not torch's page of advice to load the file with weights_only=False.
+    assert str(e.value).endswith(
+        "it holds other pickled objects, whose loading could run code (refused: Unsupported global: GLOBAL "
+        "test_openai_layout._Payload was not an allowed global by default)"
+    )
     scripted = torch.jit.script(nn.Linear(2, 2))
     scripted.save(str(tmp_path / "jit.pt"))
     with pytest.raises(CheckpointError, match="TorchScript archive"):
@@ -231,3 +238,64 @@ def test_non_tensor_entries_and_missing_files(tmp_path: Path, vit_state: dict) -
         load_openai_checkpoint(tmp_path / "list.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_openai_checkpoint(tmp_path / "absent.safetensors")
+
+
+def _save_png(path: Path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(path, format="PNG")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("photo.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)), "it is a JPEG image"),
+        ("model.pt", None, "it is a PNG image"),  # a PNG under a checkpoint's name
+        ("notes.txt", "captions: a cat, a dog — ünïcode\n".encode() * 5, "it is a text file"),
+        ("empty.ckpt", b"", "it is empty"),
+        (
+            "noise.bin",
+            bytes([0, 255, 7, 1, 2, 3, 250, 9, 0, 0, 13]) * 8,
+            "its first bytes are those of neither a zip archive, a pickle nor a safetensors header",
+        ),
+    ],
+)
+def test_files_that_are_no_checkpoint_are_named(
+    tmp_path: Path, name: str, content: bytes | None, problem: str
+) -> None:
+    path = tmp_path / name
+    if content is None:
+        _save_png(path)
+    else:
+        path.write_bytes(content)
+    assert checkpoint_file_problem(path) == problem
+    message = f"{path} is not a PyTorch checkpoint or safetensors file: {problem}"
+    with pytest.raises(CheckpointError) as refused:
+        check_checkpoint_file(path)
+    assert str(refused.value) == message
+    # Loading says the same in one line, not torch's page ending in "load it with weights_only=False".
+    with pytest.raises(CheckpointError) as refused:
+        load_openai_checkpoint(path)
+    assert str(refused.value) == message
+    renamed = path.rename(path.with_suffix(".safetensors"))
+    with pytest.raises(CheckpointError) as refused:
+        load_openai_checkpoint(renamed)
+    assert str(refused.value) == f"cannot read {renamed} as safetensors: {problem}"
+
+
+def test_checkpoint_files_pass_the_first_bytes_check(tmp_path: Path, vit_state: dict) -> None:
+    torch.save(vit_state, tmp_path / "zip.pt")
+    torch.save(vit_state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    model = build_model("vit-tiny")
+    for path in (
+        tmp_path / "zip.pt",
+        tmp_path / "legacy.pt",
+        save_openai_checkpoint(model, tmp_path / "m.safetensors"),
+    ):
+        assert checkpoint_file_problem(path) is None, path
+        assert check_checkpoint_file(path) == path
+        load_openai_checkpoint(path)  # and they load
+    assert check_checkpoint_file(tmp_path) == tmp_path  # a folder is left to load_model to explain
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*absent\.pt"):
+        check_checkpoint_file(tmp_path / "absent.pt")

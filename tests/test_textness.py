@@ -18,6 +18,7 @@ from clip_train.models import build_model
 from clip_train.textness import (
     TextnessDirection,
     TextnessError,
+    build_parser,
     fit_textness,
     main,
     render_word,
@@ -106,3 +107,32 @@ def test_the_cli_trains_saves_and_evaluates_a_direction_on_a_real_model(tmp_path
     assert record["scales"] == [-2, -1, 0, 1, 2] and len(record["share"]) == 5
     assert record["mean_share"][0] < record["mean_share"][-1]
     assert "written to" in capsys.readouterr().out
+
+
+def test_an_empty_image_folder_is_said_to_hold_no_images(tmp_path):
+    # Not "needs images with and without text, got none": nothing was found at all. A checkpoint-shaped
+    # file suffices, as the images are looked for before the model is loaded.
+    checkpoint = tmp_path / "model.pt"
+    torch.save({}, checkpoint)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    for command in (["train"], ["evaluate", "--queries", "dog", "--out", str(tmp_path / "o")]):
+        argv = [*command, "--checkpoint", str(checkpoint), "--images", str(tmp_path / "empty")]
+        with pytest.raises(TextnessError) as refused:
+            main(argv)
+        assert str(refused.value).startswith(f"no images found in {tmp_path / 'empty'} (image files: .jpg, ")
+
+
+def test_every_option_has_help_with_its_default(capsys):
+    # The help of each option ends with its default, right before the next option's name.
+    next_option = {"train": "--words", "evaluate": "--queries"}
+    for command in ("train", "evaluate"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--seed SEED seed of " in text and f"(default 0) {next_option[command]}" in text
+    assert "--scales SCALES comma-separated steering scales" in text and "(default -2,-1,0,1,2;" in text
+    assert "--k K top-k images per query and scale" in text and "(default 10) --out" in text
+    argv = ["evaluate", "--checkpoint", "m.pt", "--images", "x", "--queries", "a", "--out", "o"]
+    with pytest.raises(TextnessError, match=r"--scales takes comma-separated numbers, e\.g\. --scales=-2"):
+        main([*argv, "--scales=1,a"])

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from clip_train.checkpoints import load_model
 from clip_train.export import FORMATS, check_exportable, export_model, human_size, prepare_output_dir
-from clip_train.export.files import ExportedFile, check_output_dir
+from clip_train.export.files import ExportedFile, ExportError, check_output_dir
 from clip_train.export.onnx_export import TOWERS, export_onnx
 from clip_train.models import CLIP, ModifiedResNetConfig
+from clip_train.models.openai_layout import check_checkpoint_file
 from clip_train.tokenizer import Tokenizer
 
 _DESCRIPTIONS = {
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m clip_train.export",
         description="Export a CLIP checkpoint for deployment. Formats: "
         + "; ".join(f"{name}: {text}" for name, text in _DESCRIPTIONS.items()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # No ArgumentDefaultsHelpFormatter: it adds "(default: None)" to required options and repeats the
+        # defaults the help texts already state.
     )
     parser.add_argument(
         "--checkpoint",
@@ -39,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model file: our trainer's .ckpt, an OpenAI/OpenCLIP .pt/.bin/.safetensors, or save_model's .pt",
     )
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
-    parser.add_argument("--out", required=True, help="output folder (created; must be empty or new)")
-    parser.add_argument("--fp16", action="store_true", help="float16 weights (half the size)")
+    parser.add_argument(
+        "--out", required=True, help="output folder (created; must be new or empty, unless --overwrite)"
+    )
+    parser.add_argument(
+        "--fp16", action="store_true", help="float16 weights, half the size (default: float32)"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -50,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick-gelu",
         choices=("auto", "true", "false"),
         default="auto",
-        help="activation of an OpenAI-layout --checkpoint, which does not record it (auto: from .safetensors "
-        "metadata, else QuickGELU as in OpenAI's release); ignored for our own checkpoints",
+        help="activation of an OpenAI-layout --checkpoint, which does not record it (default auto: from "
+        ".safetensors metadata, else QuickGELU as in OpenAI's release); ignored for our own checkpoints",
     )
     parser.add_argument(
         "--bpe",
@@ -68,12 +74,24 @@ def describe(model: CLIP) -> str:
     return f"{kind} image tower, {params / 1e6:.1f} M parameters"
 
 
+def _check_out(out: Path, *, overwrite: bool) -> None:
+    """`check_output_dir` in the CLI's words: its own refusal of a non-empty folder names both the option
+    and the library's `overwrite=True`, of which only the option means anything here."""
+    if out.is_dir() and not overwrite and any(out.iterdir()):
+        raise ExportError(
+            f"--out {out} exists and is not empty; choose a new folder, or pass --overwrite to replace the "
+            "files of the same names (other files are left alone)"
+        )
+    check_output_dir(out, overwrite=overwrite)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     out = Path(args.out)
     precision = "fp16" if args.fp16 else "fp32"
-    check_output_dir(out, overwrite=args.overwrite)  # before the seconds spent loading the model
+    _check_out(out, overwrite=args.overwrite)  # before the seconds spent loading the model
+    check_checkpoint_file(args.checkpoint)
     quick_gelu = {"auto": None, "true": True, "false": False}[args.quick_gelu]
     model = load_model(args.checkpoint, quick_gelu=quick_gelu)
     tokenizer = None

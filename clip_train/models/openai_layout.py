@@ -234,6 +234,78 @@ def _listing(items: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- files
 
 
+# First bytes of files that are given by mistake where a checkpoint is expected, to name what was given.
+_OTHER_FORMATS = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a RIFF file (a WebP image?)"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+_HEAD_BYTES = 64
+_WEIGHTS_UNPICKLER = "WeightsUnpickler error:"
+
+
+def checkpoint_file_problem(path: str | Path) -> str | None:
+    """Why the existing file `path` cannot be a PyTorch checkpoint or a safetensors file, judged by its first
+    bytes ("it is a JPEG image", "it is a text file", ...), or None when it starts like one of them.
+
+    torch.save writes a zip archive (or, in its legacy format, a pickle of protocol 2 or later) and a
+    safetensors file opens with the 8-byte length of its JSON header; anything else is refused here, because
+    torch.load's own failure on it is a page of advice ending in "load it with weights_only=False", which
+    would be unsafe and would not help (the file is no checkpoint at all)."""
+    path = Path(path)
+    with path.open("rb") as file:
+        head = file.read(_HEAD_BYTES)
+    if not head:
+        return "it is empty"
+    if head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return None  # a zip archive, or a pickle's PROTO opcode
+    header_length = int.from_bytes(head[:8], "little")
+    if len(head) > 8 and head[8:9] == b"{" and 8 + header_length <= path.stat().st_size:
+        return None
+    for magic, kind in _OTHER_FORMATS:
+        if head.startswith(magic):
+            return f"it is {kind}"
+    # Up to 3 bytes of a multi-byte character may be cut off at the end of the head.
+    text = head.decode("utf-8", errors="ignore")
+    if len(text.encode()) >= len(head) - 3 and all(c.isprintable() or c.isspace() for c in text):
+        return "it is a text file"
+    return "its first bytes are those of neither a zip archive, a pickle nor a safetensors header"
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """`path` when it may be a checkpoint file: FileNotFoundError when it does not exist, CheckpointError
+    ("photo.jpg is not a PyTorch checkpoint or safetensors file: it is a JPEG image") when its first bytes
+    rule that out (`checkpoint_file_problem`). A folder is passed on unchecked: `load_model` explains the
+    folders it meets (a DeepSpeed checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file():
+        problem = checkpoint_file_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint or safetensors file: {problem}")
+    return path
+
+
+def torch_load_failure(exc: BaseException) -> str:
+    """One line saying why `torch.load(..., weights_only=True)` failed. Torch's message on a refused object
+    spans several lines, with terminal escape codes and advice to load the file unsafely; the reason is on
+    the line after "WeightsUnpickler error:", which is all that is kept."""
+    message = str(exc)
+    if _WEIGHTS_UNPICKLER in message:
+        after = message.split(_WEIGHTS_UNPICKLER, 1)[1]
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), "")
+        return (
+            f"it holds other pickled objects, whose loading could run code (refused: "
+            f"{reason.split('. ')[0].rstrip('.')})"
+        )
+    first_line = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+
+
 def read_openai_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The state dict of a .pt/.bin/.safetensors file, unwrapped from a `"state_dict"` entry and from
     `module.` prefixes, with the file's safetensors metadata (empty for torch files)."""
@@ -242,6 +314,9 @@ def read_openai_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[st
         raise FileNotFoundError(f"no checkpoint at {path}")
     metadata: dict[str, str] = {}
     if path.suffix == ".safetensors":
+        problem = checkpoint_file_problem(path)
+        if problem is not None:  # safetensors' own message ("HeaderTooLarge") does not say what the file is
+            raise CheckpointError(f"cannot read {path} as safetensors: {problem}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = dict(f.metadata() or {})
@@ -257,11 +332,14 @@ def read_openai_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[st
                 "would execute its code. Save its state_dict with `torch.jit.load(path).state_dict()` in a "
                 "trusted environment, or use OpenCLIP's .safetensors copy of the weights"
             )
+        problem = checkpoint_file_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint or safetensors file: {problem}")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # unpickling refused (arbitrary objects) or a corrupt file
             raise CheckpointError(
-                f"cannot read {path} as a plain torch checkpoint of tensors: {exc}"
+                f"cannot read {path} as a plain torch checkpoint of tensors: {torch_load_failure(exc)}"
             ) from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
