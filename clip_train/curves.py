@@ -25,14 +25,15 @@ from matplotlib.figure import Figure
 from clip_train.training.loggers import read_metrics
 
 METRICS = Path("logs") / "metrics.csv"
-# (metric, panel title, log-scale y axis); a panel is drawn when some run logged its metric.
+# (metric, panel title, log-scale y axis, noisy); a panel is drawn when some run logged its metric. Noisy
+# per-batch metrics are drawn under a trailing mean; the schedule and the temperature are smooth already.
 PANELS = (
-    ("train/loss", "training loss", False),
-    ("val/loss", "validation loss", False),
-    ("train/image_to_text_accuracy", "in-batch image→text accuracy", False),
-    ("train/logit_scale", "logit scale (1/temperature)", False),
-    ("train/lr", "learning rate", True),
-    ("train/samples_per_second", "samples/s", False),
+    ("train/loss", "training loss", False, True),
+    ("val/loss", "validation loss", False, False),
+    ("train/image_to_text_accuracy", "in-batch image→text accuracy", False, True),
+    ("train/logit_scale", "logit scale (1/temperature)", False, False),
+    ("train/lr", "learning rate", True, False),
+    ("train/samples_per_second", "samples/s", False, True),
 )
 
 
@@ -123,28 +124,26 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 def plot_curves(runs: Sequence[Run], path: Path, window: int | None = None) -> Path:
     """One panel per metric that some run logged; raw points faint, the trailing mean on top. `window`:
     points per mean, None for about 1/50 of the longest run."""
-    panels = [(k, t, log) for k, t, log in PANELS if any(len(r.series(k)[0]) for r in runs)]
+    panels = [panel for panel in PANELS if any(len(r.series(panel[0])[0]) for r in runs)]
     longest = max(len(r.series("train/loss")[0]) for r in runs)
     window = max(1, longest // 50) if window is None else window
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig = Figure(figsize=(4.2 * columns, 3.0 * rows))
-    for i, (key, title, log_scale) in enumerate(panels):
+    for i, (key, title, log_scale, noisy) in enumerate(panels):
         ax = fig.add_subplot(rows, columns, i + 1)
         for j, run in enumerate(runs):
             steps, values = run.series(key)
             if not len(steps):
                 continue
             colour = f"C{j % 10}"
-            if window > 1 and key.startswith("train/"):
+            if window > 1 and noisy:
                 ax.plot(steps, values, color=colour, lw=0.6, alpha=0.25)
                 values = smooth(values, window)
             ax.plot(
                 steps, values, color=colour, lw=1.2, label=run.label, marker="o" if len(steps) < 3 else None
             )
-        ax.set_title(
-            title + (f" (mean of {window})" if window > 1 and key.startswith("train/") else ""), fontsize=9
-        )
+        ax.set_title(title + (f" (mean of {window})" if window > 1 and noisy else ""), fontsize=9)
         ax.set_xlabel("optimiser step", fontsize=8)
         ax.tick_params(labelsize=7)
         if log_scale:
