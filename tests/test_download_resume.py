@@ -20,6 +20,9 @@ import pytest
 from download_support import TEST_USER_AGENT, FaultServer
 
 from data_pipelines.download.__main__ import main as cli_main
+from data_pipelines.download.pack import delete_parts, pack
+from data_pipelines.download.plan import Plan
+from data_pipelines.download.runner import _CHECKS, FAILURE_STATUSES
 from data_pipelines.download.shard_writer import read_samples, write_part
 
 REPO = Path(__file__).resolve().parents[1]
@@ -435,6 +438,37 @@ def test_a_run_without_any_image_fails_writes_no_shard_and_can_be_retried(
         assert cli_main(common_args(table, fresh)) == 0
         assert shard_contents(out) == shard_contents(fresh)
         assert json.loads((out / "manifest.json").read_text())["num_samples"] == 1  # the others: duplicates
+
+
+def test_every_failure_status_has_advice() -> None:
+    # A status without an entry would get only the generic "see the reasons" line in the no-image report.
+    assert set(_CHECKS) == set(FAILURE_STATUSES)
+
+
+def test_an_older_versions_empty_shard_with_deleted_parts_is_reported_as_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An older version packed an output without images into one empty shard; with its parts deleted since,
+    a rerun can only report it: the report must say the shard is there, not that none was written."""
+    urls = ["ftp://example.com/x.jpg", "ftp://example.com/y.jpg"] * 6  # refused before any connection
+    table = write_urls(tmp_path / "in.parquet", urls)
+    out = tmp_path / "out"
+    assert cli_main(common_args(table, out)) == 1  # parts kept, no shard
+    # What the older version then left: the parts packed into one shard of zero samples, parts deleted.
+    plan = Plan(**json.loads((out / "_plan" / "plan.json").read_text()))
+    assert pack(plan, 8).manifest["num_samples"] == 0
+    delete_parts(plan)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli_main(common_args(table, out)) == 1
+    captured = capsys.readouterr()
+    assert "; no image in the whole output: its 1 shard(s) hold 0 samples; output: " in captured.out
+    err = captured.err
+    assert f"so {out} still holds the empty shard and the manifest that an older version" in err
+    assert "no shard and no manifest" not in err
+    assert "bad_url: 12 row(s), e.g. ftp://example.com/x.jpg: only http(s) URLs" in err  # from the shard
+    assert f"Every row's reason is in {out}/shard-*.parquet." in err and "cannot be retried" in err
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}  # left as it was
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:

@@ -28,16 +28,37 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from data_pipelines.download.fetch import FETCH_STATUSES, OK, FetchConfig, Fetcher
+from data_pipelines.download.fetch import (
+    BAD_CONTENT_TYPE,
+    BAD_URL,
+    BLOCKED_ADDRESS,
+    CONNECTION_ERROR,
+    FETCH_STATUSES,
+    HTTP_ERROR,
+    NOT_AN_IMAGE,
+    OK,
+    OPTED_OUT,
+    ROBOTS_DISALLOWED,
+    TIMEOUT,
+    TOO_LARGE,
+    TOO_MANY_REDIRECTS,
+    FetchConfig,
+    Fetcher,
+)
 from data_pipelines.download.images import (
+    BAD_ASPECT_RATIO,
+    DECODE_ERROR,
+    DECOMPRESSION_BOMB,
     IMAGE_STATUSES,
+    TOO_SMALL,
+    UNSUPPORTED_FORMAT,
     ImageConfig,
     ImageRejected,
     ProcessedImage,
@@ -45,7 +66,14 @@ from data_pipelines.download.images import (
 )
 from data_pipelines.download.pack import clear_final_shards, delete_parts, pack, read_packed
 from data_pipelines.download.plan import InputError, Plan, make_plan
-from data_pipelines.download.shard_writer import MANIFEST_NAME, Sample, read_samples, write_part
+from data_pipelines.download.shard_writer import (
+    MANIFEST_NAME,
+    SHARD_PREFIX,
+    Sample,
+    read_samples,
+    total_status_counts,
+    write_part,
+)
 
 ProgressFn = Callable[[int, int], None]  # (rows finished, of which successes) since the last call
 ERROR = "error"  # an unexpected exception on one row
@@ -53,31 +81,31 @@ ERROR = "error"  # an unexpected exception on one row
 # the pack, never stored in a part, so they are never retried).
 FAILURE_STATUSES = (*FETCH_STATUSES, *IMAGE_STATUSES, ERROR)
 # What to check when every row failed with a status: a run without a single image is nearly always a
-# setting or an outage, and the status alone does not say which setting.
-_CHECKS = {
-    "bad_url": "the URL column holds no http(s) URLs: is --url-column the image URL column?",
-    "blocked_address": "the hosts resolve to private or loopback addresses, refused by default; "
+# setting or an outage, and the status alone does not say which setting. Keyed by the status constants so
+# that a renamed status keeps its advice; test_download_resume checks that every failure status has one.
+_CHECKS: dict[str, str] = {
+    BAD_URL: "the URL column holds no http(s) URLs: is --url-column the image URL column?",
+    BLOCKED_ADDRESS: "the hosts resolve to private or loopback addresses, refused by default; "
     "--allow-private-addresses allows them (intranet mirrors, tests)",
-    "robots_disallowed": "the sites' robots.txt disallows this crawler (named by the first word of "
+    ROBOTS_DISALLOWED: "the sites' robots.txt disallows this crawler (named by the first word of "
     "--user-agent), or answers 5xx",
-    "opted_out": "the sites opt out of AI use (X-Robots-Tag noai/noimageai)",
-    "http_error": "the servers answer with errors (the HTTP codes are in the reasons): are the URLs current, "
+    OPTED_OUT: "the sites opt out of AI use (X-Robots-Tag noai/noimageai)",
+    HTTP_ERROR: "the servers answer with errors (the HTTP codes are in the reasons): are the URLs current, "
     "does the server refuse this --user-agent?",
-    "timeout": "no answer in time: an outage, a proxy or firewall in the way, or timeouts too short "
+    TIMEOUT: "no answer in time: an outage, a proxy or firewall in the way, or timeouts too short "
     "(--connect-timeout, --read-timeout, --total-timeout)",
-    "connection_error": "no connection: is the network up, is a proxy or firewall in the way, do the hosts "
+    CONNECTION_ERROR: "no connection: is the network up, is a proxy or firewall in the way, do the hosts "
     "exist and answer?",
-    "too_many_redirects": "the URLs redirect more than --max-redirects times (or in a loop)",
-    "too_large": "the bodies exceed --max-bytes",
-    "bad_content_type": "the URLs lead to pages, not images: is --url-column the image URL column?",
-    "not_an_image": "the bodies are not images (a login or error page?): is --url-column the image URL "
-    "column?",
-    "decode_error": "the images are truncated or corrupt",
-    "decompression_bomb": "the images exceed --max-pixels",
-    "too_small": "the images are smaller than --min-size",
-    "bad_aspect_ratio": "the images are more elongated than --max-aspect-ratio",
-    "unsupported_format": "the images are in a format this downloader does not decode",
-    "error": "an unexpected exception (see the reason): a bug, please report it with the reason",
+    TOO_MANY_REDIRECTS: "the URLs redirect more than --max-redirects times (or in a loop)",
+    TOO_LARGE: "the bodies exceed --max-bytes",
+    BAD_CONTENT_TYPE: "the URLs lead to pages, not images: is --url-column the image URL column?",
+    NOT_AN_IMAGE: "the bodies are not images (a login or error page?): is --url-column the image URL column?",
+    DECODE_ERROR: "the images are truncated or corrupt",
+    DECOMPRESSION_BOMB: "the images exceed --max-pixels",
+    TOO_SMALL: "the images are smaller than --min-size",
+    BAD_ASPECT_RATIO: "the images are more elongated than --max-aspect-ratio",
+    UNSUPPORTED_FORMAT: "the images are in a format this downloader does not decode",
+    ERROR: "an unexpected exception (see the reason): a bug, please report it with the reason",
 }
 
 
@@ -134,7 +162,8 @@ class Summary:
     output: str
     incomplete_parts: list[int]
     # Set when every part is complete but holds no image at all: what failed and what to check. The CLI
-    # exits non-zero with it; no shard and no manifest were written.
+    # exits non-zero with it. No shard and no manifest were written, unless an older version of this
+    # downloader packed the output into one empty shard and its parts were deleted since.
     failure: str | None = None
 
     @property
@@ -144,6 +173,9 @@ class Summary:
     def line(self) -> str:
         if self.total_samples is None:
             done = f"{len(self.incomplete_parts)} part(s) still incomplete: rerun the same command to resume"
+        elif self.total_samples == 0 and self.num_shards:
+            # Only an older version of this downloader packed an output without images (see `failure`).
+            done = f"no image in the whole output: its {self.num_shards} shard(s) hold 0 samples"
         elif self.total_samples == 0:
             done = "no image in the whole output, so no shard was written"
         else:
@@ -628,11 +660,12 @@ def _summary(
     )
 
 
-def _first_reasons(plan: Plan, statuses: set[str]) -> dict[str, tuple[str, str]]:
-    """status -> (url, reason) of its first row, read from the parts until every status has one."""
+def _first_reasons(parquets: Iterable[Path], statuses: set[str]) -> dict[str, tuple[str, str]]:
+    """status -> (url, reason) of its first row, read from row parquets (in order) until every status
+    has one."""
     examples: dict[str, tuple[str, str]] = {}
-    for i in range(plan.num_parts):
-        rows = pq.read_table(plan.part_paths(i)[1], columns=["url", "status", "error"]).to_pylist()
+    for path in parquets:
+        rows = pq.read_table(path, columns=["url", "status", "error"]).to_pylist()
         for row in rows:
             examples.setdefault(row["status"], (row["url"] or "", row["error"] or ""))
         if statuses <= examples.keys():
@@ -642,12 +675,22 @@ def _first_reasons(plan: Plan, statuses: set[str]) -> dict[str, tuple[str, str]]
 
 def _no_image_failure(plan: Plan, counts: dict[str, int], *, parts_kept: bool) -> str:
     """The message of a complete output without a single image: the failures by status, with the first
-    row's reason and what to check for each, then how to go on."""
+    row's reason and what to check for each, then how to go on.
+
+    parts_kept False: the parts were deleted after an older version of this downloader packed the output
+    into one shard of zero samples; that shard's parquet still holds every row's reason.
+    """
     rows = sum(counts.values())
-    examples = _first_reasons(plan, set(counts)) if parts_kept else {}
+    if parts_kept:
+        parquets = [plan.part_paths(i)[1] for i in range(plan.num_parts)]
+        state = "has no shard and no manifest"
+    else:
+        parquets = sorted(Path(plan.out_dir).glob(f"{SHARD_PREFIX}-*.parquet"))
+        state = "still holds the empty shard and the manifest that an older version of this downloader wrote"
+    examples = _first_reasons(parquets, set(counts))
     lines = [
-        f"no image was downloaded: all {rows} input row(s) of {plan.input} failed, so {plan.out_dir} has "
-        "no shard and no manifest. Failures by status:"
+        f"no image was downloaded: all {rows} input row(s) of {plan.input} failed, so {plan.out_dir} "
+        f"{state}. Failures by status:"
     ]
     for status, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         line = f"  {status}: {n} row(s)"
@@ -664,6 +707,8 @@ def _no_image_failure(plan: Plan, counts: dict[str, int], *, parts_kept: bool) -
             f"{plan.out_dir} first)."
         )
     else:
+        if parquets:  # someone may have removed the shards by hand, leaving the manifest
+            lines.append(f"Every row's reason is in {plan.out_dir}/{SHARD_PREFIX}-*.parquet.")
         lines.append(
             "Its parts were deleted (--delete-parts), so it cannot be retried: download into a new output "
             "folder."
@@ -695,6 +740,20 @@ def _finished_without_parts(config: DownloadConfig, plan: Plan, packed: dict, st
     if manifest.get("num_samples") == 0:  # packed into one empty shard by an older version of this tool
         summary.failure = _no_image_failure(plan, summary.status_counts, parts_kept=False)
     return summary
+
+
+def _all_part_stats(plan: Plan) -> list[dict]:
+    """The stats of every part, when `plan.pending_parts()` has just found them all complete."""
+    all_stats: list[dict] = []
+    for i in range(plan.num_parts):
+        stats = plan.part_stats(i)
+        if stats is None:  # only another process writing this output can get here
+            raise RuntimeError(
+                f"part {i} in {plan.parts_dir} was complete a moment ago and is not now: is another "
+                f"download writing to {plan.out_dir}?"
+            )
+        all_stats.append(stats)
+    return all_stats
 
 
 def run_download(
@@ -746,16 +805,13 @@ def run_download(
     successes = bar.ok
     manifest = None
     failure = None
-    part_stats = [] if incomplete else [plan.part_stats(i) or {} for i in range(plan.num_parts)]
+    part_stats = [] if incomplete else _all_part_stats(plan)
     if part_stats and not any(stats["successes"] for stats in part_stats):
         # Not one image in the whole output: packing would give a single shard of zero samples. Write
         # none (and remove one an older version wrote), keep the parts (the reasons, and --retry-failed
         # needs them) and report the failures; the CLI exits non-zero on it.
         clear_final_shards(plan)
-        counts: dict[str, int] = {}
-        for stats in part_stats:
-            for status, n in stats["status_counts"].items():
-                counts[status] = counts.get(status, 0) + n
+        counts = total_status_counts(part_stats)
         manifest = {"status_counts": counts, "num_samples": 0, "num_shards": 0, "duplicates": 0}
         failure = _no_image_failure(plan, counts, parts_kept=True)
         if config.delete_parts:

@@ -133,6 +133,14 @@ def status_counts(rows: pa.Table) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def total_status_counts(stats: Iterable[dict]) -> dict[str, int]:
+    """The `status_counts` of several file sets' stats added up (the manifest's, a whole output's)."""
+    counts: Counter[str] = Counter()
+    for s in stats:
+        counts.update(s["status_counts"])
+    return dict(sorted(counts.items()))
+
+
 def write_files(
     folder: Path,
     stem: str,
@@ -220,19 +228,20 @@ def read_samples(tar_path: Path) -> dict[str, Sample]:
 
 def write_manifest(out_dir: Path, num_shards: int, extra: dict | None = None) -> dict:
     """Write manifest.json from the stats of shards 0..num_shards-1 (all must be complete)."""
-    shards, counts = [], Counter()
+    all_stats: list[dict] = []
     for i in range(num_shards):
         stats = read_stats(out_dir, shard_stem(i))
         if stats is None:
             raise RuntimeError(f"shard {shard_stem(i)} is not complete; cannot write the manifest")
-        shards.append({"name": stats["name"], "num_samples": stats["num_samples"]})
-        counts.update(stats["status_counts"])
+        all_stats.append(stats)
+    shards = [{"name": s["name"], "num_samples": s["num_samples"]} for s in all_stats]
+    counts = total_status_counts(all_stats)
     manifest = {
         "shards": shards,
         "num_samples": sum(s["num_samples"] for s in shards),
         "num_shards": num_shards,
         "pattern": f"shard-{{{0:06d}..{max(num_shards - 1, 0):06d}}}.tar",
-        "status_counts": dict(sorted(counts.items())),
+        "status_counts": counts,
         "duplicates": counts.get("duplicate", 0),  # dropped exact duplicates (also in status_counts)
         **(extra or {}),
     }
