@@ -121,12 +121,16 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[idx] - sums[start]) / (idx - start)
 
 
+def default_window(runs: Sequence[Run]) -> int:
+    """Points per trailing mean: about 1/50 of the longest run's logged training steps."""
+    return max(1, max(len(r.series("train/loss")[0]) for r in runs) // 50)
+
+
 def plot_curves(runs: Sequence[Run], path: Path, window: int | None = None) -> Path:
     """One panel per metric that some run logged; raw points faint, the trailing mean on top. `window`:
     points per mean, None for about 1/50 of the longest run."""
     panels = [panel for panel in PANELS if any(len(r.series(panel[0])[0]) for r in runs)]
-    longest = max(len(r.series("train/loss")[0]) for r in runs)
-    window = max(1, longest // 50) if window is None else window
+    window = default_window(runs) if window is None else window
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     fig = Figure(figsize=(4.2 * columns, 3.0 * rows))
@@ -204,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out or args.runs[0] / "curves.png"
-    longest = max(len(r.series("train/loss")[0]) for r in runs)
-    window = args.smooth or max(1, longest // 50)
+    window = args.smooth or default_window(runs)
     plot_curves(runs, out, window)
     print(summary_table(runs, window))
     print(f"wrote {out} ({len(runs)} run(s))")

@@ -38,6 +38,7 @@ from clip_train.training.preflight import (
     check_resumed_settings,
     check_teacher,
     per_rank_batch_size,
+    record_run_settings,
     world_size,
 )
 from clip_train.training.sharding import ValidatingDeepSpeedStrategy, deepspeed_stage, is_sharded
@@ -137,16 +138,6 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- training
-class _TrainingPhase(pl.Callback):
-    """Whether training has begun: an error before it is a set-up problem whose message says it all, an
-    error during it needs its traceback (see main)."""
-
-    started = False
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.started = True
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build the data module, model, Lightning module, callbacks, loggers and trainer from `cfg`; fit.
 
@@ -179,6 +170,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "it, and several backward passes per step are not verified under DeepSpeed. Use trainer=gpu "
             "(DDP) with micro_batch_size, or drop micro_batch_size under this strategy"
         )
+    ckpt = resume_checkpoint(cfg)
+    check_resumed_settings(cfg, ckpt)  # before the model, the teacher and the data are built
     pl.seed_everything(cfg.seed, workers=True)
 
     model = instantiate(cfg.model)
@@ -204,8 +197,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "(a distilled student is compared with its teacher by python -m clip_train.distillation.report)"
             ": drop data.val_shards (data.val_shards=null)"
         )
-    phase = _TrainingPhase()
-    callbacks = [*(instantiate(c) for c in (cfg.get("callbacks") or {}).values()), phase]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
     # Without validation shards, no validation loop at all (Lightning would warn about an empty loader).
     no_validation = {} if validating else {"limit_val_batches": 0}
@@ -213,17 +205,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False, **no_validation
     )
 
-    ckpt = resume_checkpoint(cfg)
-    check_resumed_settings(cfg, ckpt)
-    if ckpt:  # a resumed run's checkpoint folder is not empty, by design
-        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    if ckpt is None:
+        record_run_settings(cfg)
     log.info("run directory %s; %s", cfg.paths.run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")
-    try:
+    with warnings.catch_warnings():  # this run's filter only: a sweep's next job may start fresh
+        if ckpt:  # a resumed run's checkpoint folder is not empty, by design
+            warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    except Exception as error:
-        error.during_training = phase.started  # read by main
-        raise
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def _describes_bad_input(error: BaseException) -> bool:
+    """Errors our code raises to say what is wrong with the input (ConfigError, ShardError, CheckpointError
+    and the other ValueError subclasses of this project) and missing files; any other error, a bug
+    included, keeps its traceback."""
+    own = type(error).__module__.split(".")[0] in ("clip_train", "data_pipelines")
+    return (own and isinstance(error, ValueError)) or isinstance(error, FileNotFoundError)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -232,14 +229,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
-            up_front = not getattr(error, "during_training", False)
-            if (
-                up_front
-                and isinstance(error, ValueError | FileNotFoundError)
-                and not os.environ.get("HYDRA_FULL_ERROR")
-            ):
-                # A configuration or data problem found before training: the message is the whole story.
-                # Once training runs, an error keeps its traceback.
+            if _describes_bad_input(error) and not os.environ.get("HYDRA_FULL_ERROR"):
+                # A configuration or data problem: the message is the whole story.
                 raise SystemExit(f"error: {error}") from None
             raise
         # One failed job must not end a sweep: record the failure in its run directory and go on.

@@ -1,5 +1,5 @@
-"""A callback that raises a ValueError once training has started: `python -m clip_train` must then show the
-traceback, not shorten it like a set-up error (used through +callbacks.fail._target_=...)."""
+"""A callback that raises a plain ValueError once training has started, as a bug would: `python -m
+clip_train` must show its traceback, not shorten it like our bad-input errors (+callbacks.fail._target_)."""
 
 from __future__ import annotations
 

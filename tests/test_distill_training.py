@@ -192,7 +192,8 @@ def test_distillation_under_a_sharded_strategy_is_refused_before_training(setup,
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[
             "+experiment=distill_demo", f"teacher={teacher_path}", f"data.train_shards='{shards}'",
-            f"paths.root_dir={tmp_path}", "trainer=fsdp", "trainer.accelerator=cpu",
+            f"paths.root_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
+            "trainer=fsdp", "trainer.accelerator=cpu",
             # tests/sharded_on_cpu.py: FSDP allowed on a CPU
             "trainer.strategy._target_=sharded_on_cpu.FSDPOnCPU", "module.gradient_clip_norm=null",
         ])  # fmt: skip
@@ -206,7 +207,7 @@ def test_validation_shards_with_distillation_are_refused_before_training(setup, 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[
             "+experiment=distill_demo", f"teacher={teacher_path}", f"data.train_shards='{shards}'",
-            f"data.val_shards='{shards}'", f"paths.root_dir={tmp_path}",
+            f"data.val_shards='{shards}'", f"paths.root_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
         ])  # fmt: skip
     with pytest.raises(ConfigError, match=r"DistillationModule has no validation .*=null\)"):
         train(cfg)

@@ -374,8 +374,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
     rank, world_size: default to torch.distributed's when initialised, else 0 and 1.
     worker_start_method: how loader workers start: None (the platform's default, "fork" on Linux),
         "forkserver" or "spawn". A worker forked from a process that already runs threads (NCCL, DeepSpeed,
-        OpenMP) can inherit a lock held by one of them and hang; the other two start clean processes, at
-        the cost of importing torch in each worker once per epoch.
+        OpenMP) can inherit a lock held by one of them and hang; the other two start clean processes.
+        "forkserver" adds this module to the process-wide forkserver preload list, so its server imports
+        torch and the rest once (seconds, at the first epoch) and each epoch's workers start in a fraction
+        of a second; "spawn" imports them in every worker of every epoch.
 
     Batches are (images float32 (B, 3, H, W), tokens int64 (B, context_length), info dict with "keys");
     see the module docstring. `corrupt_samples` is the running count of skipped undecodable samples.

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -113,22 +114,11 @@ def check_hardware(cfg: DictConfig) -> None:
 
 
 # What a run's trajectory is made of. A checkpoint restores the model, optimiser and schedule as they were,
-# so resuming with any of these changed would silently train on with the old values. Exempt: settings that
+# so resuming with any of these changed would silently train on with the old values. Not the shards'
+# paths: a requeued SLURM job may stage the same shards to a new node-local folder. Exempt too: settings that
 # change how the same numbers are computed, not which.
-FIXED_FOR_A_RUN = (
-    "model",
-    "loss",
-    "optimizer",
-    "scheduler",
-    "global_batch_size",
-    "seed",
-    "data.train_shards",
-)
-
-
+FIXED_FOR_A_RUN = ("model", "loss", "optimizer", "scheduler", "global_batch_size", "seed")
 FREE_TO_CHANGE = frozenset({"loss.chunk_size", "optimizer.fused", "optimizer.foreach"})
-
-
 RUN_SETTINGS = "run_settings.json"
 
 
@@ -140,7 +130,7 @@ def _fixed_settings(cfg: DictConfig) -> dict[str, object]:
         if OmegaConf.is_dict(value) or isinstance(value, dict):
             for name, sub in value.items():
                 visit(f"{key}.{name}", sub)
-        elif key not in FREE_TO_CHANGE:
+        else:
             flat[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
     for key in FIXED_FOR_A_RUN:
@@ -148,23 +138,39 @@ def _fixed_settings(cfg: DictConfig) -> dict[str, object]:
     return flat
 
 
-def check_resumed_settings(cfg: DictConfig, checkpoint: str | None) -> None:
-    """Refuse to resume a run whose model, loss, optimiser, schedule, batch, seed or shards were changed
-    (they would be ignored: the checkpoint holds the old ones); record them when the run starts fresh."""
-    path = Path(cfg.paths.run_dir) / RUN_SETTINGS
-    current = _fixed_settings(cfg)
-    if checkpoint is None or not path.is_file():  # a fresh start (or a run older than this check)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)  # every rank writes the same text; the last rename wins
+def _global_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank as the launcher set it (torchrun, SLURM, Lightning's own children), else 0."""
+    env = os.environ if environ is None else environ
+    for name in ("RANK", "SLURM_PROCID"):
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 0
+
+
+def record_run_settings(cfg: DictConfig) -> None:
+    """At a fresh start, keep what check_resumed_settings compares a later resume against (rank 0 only)."""
+    if _global_rank() != 0:
         return
-    saved = json.loads(path.read_text())
+    path = Path(cfg.paths.run_dir) / RUN_SETTINGS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(_fixed_settings(cfg), indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def check_resumed_settings(cfg: DictConfig, checkpoint: str | None) -> None:
+    """Refuse to resume a run whose model, loss, optimiser, schedule, batch or seed were changed: they would
+    be ignored, the checkpoint holds the old ones. (A run older than this check has no record: let it be.)"""
+    path = Path(cfg.paths.run_dir) / RUN_SETTINGS
+    if checkpoint is None or not path.is_file():
+        return
+    saved, current = json.loads(path.read_text()), _fixed_settings(cfg)
     changed = [
         f"{key}: {saved.get(key, '(unset)')} -> {current.get(key, '(unset)')}"
         for key in sorted(saved.keys() | current.keys())
-        if key not in FREE_TO_CHANGE and saved.get(key) != current.get(key)
-    ]
+        if key.split(".")[0] in FIXED_FOR_A_RUN and key not in FREE_TO_CHANGE
+        and saved.get(key) != current.get(key)
+    ]  # fmt: skip
     if changed:
         shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise ConfigError(
@@ -219,21 +225,40 @@ def check_teacher(cfg: DictConfig) -> None:
 _BRACE_RANGE = re.compile(r"\{\d+\.\.\d+\}")
 
 
+def _shell_expansion(values: list[str]) -> bool:
+    """Whether repeated values of one key look like the shell's expansion of an unquoted shard range
+    {a..b}: tar paths, none of them quoted or braced, alike but for one run of digits of equal width, and
+    those consecutive. (A wrapper script may repeat an override on purpose; Hydra keeps the last.)"""
+    if (
+        len(values) < 2
+        or not all(".tar" in v for v in values)
+        or any(c in v for v in values for c in "{}'\"")
+    ):
+        return False
+    split = [re.split(r"(\d+)", v) for v in values]
+    if len({len(parts) for parts in split}) != 1:
+        return False
+    differing = [i for i in range(len(split[0])) if len({parts[i] for parts in split}) > 1]
+    if len(differing) != 1 or differing[0] % 2 == 0:  # odd positions hold the digit runs
+        return False
+    runs = [parts[differing[0]] for parts in split]
+    numbers = [int(r) for r in runs]
+    return len({len(r) for r in runs}) == 1 and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+
+
 def check_command_line(argv: list[str]) -> None:
     """Mistakes Hydra reports only with a parser error, a 25-line traceback or not at all: a brace range left
     unquoted (Hydra reads `{` as a dictionary; the shell expands it into one override per shard, of which
     Hydra keeps the last, silently) and the SLURM launcher on a machine without SLURM."""
     overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
-    paths: dict[str, list[str]] = {}
+    values: dict[str, list[str]] = {}
     for key, _, value in (arg.partition("=") for arg in overrides):
-        if "/" in value:
-            paths.setdefault(key, []).append(value)
-    for key, values in paths.items():
-        # Paths that differ only in their numbers, one override each: the shell's expansion of a brace range.
-        if len(values) > 1 and len({re.sub(r"\d+", "#", v) for v in values}) == 1:
+        values.setdefault(key, []).append(value)
+    for key, given in values.items():
+        if _shell_expansion(given):
             raise SystemExit(
-                f"error: {key} is given {len(values)} times, as the shell expands an unquoted brace pattern "
-                "(Hydra would keep only the last path). Quote it: "
+                f"error: {key} is given {len(given)} times, as the shell expands an unquoted brace pattern "
+                "(Hydra would keep only the last). Quote it: "
                 f"\"{key}='/data/shard-{{000000..000099}}.tar'\""
             )
     for arg in overrides:
@@ -242,8 +267,10 @@ def check_command_line(argv: list[str]) -> None:
             raise SystemExit(
                 f"error: quote the brace pattern so that Hydra takes it as one string: \"{key}='{value}'\""
             )
-    if "hydra/launcher=slurm" in argv and shutil.which("sbatch") is None:
+    submits = {"hydra/launcher=slurm", "hydra/launcher=submitit_slurm"} & set(argv)
+    only_prints = {"--cfg", "-c", "--help", "-h", "--info", "--hydra-help"} & set(argv)
+    if submits and not only_prints and shutil.which("sbatch") is None:
         raise SystemExit(
-            "error: hydra/launcher=slurm submits jobs with sbatch, which is not on this machine's PATH: run "
-            "the sweep from a SLURM login node, or drop hydra/launcher=slurm to run its jobs here in turn"
+            f"error: {submits.pop()} submits jobs with sbatch, which is not on this machine's PATH: run the "
+            "sweep from a SLURM login node, or drop the launcher override to run its jobs here in turn"
         )
