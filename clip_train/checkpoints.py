@@ -1,7 +1,7 @@
 """Load a CLIP model from any checkpoint file this project meets, and the config record that makes ours
 self-describing.
 
-Three kinds of file are read, all with `torch.load(..., weights_only=True)` or safetensors (no code runs):
+Three kinds of file are read, all with `safe_torch_load` (weights_only=True) or safetensors (no code runs):
 
 * OpenAI / OpenCLIP layout (.pt, .bin, .safetensors): a dict of tensors, optionally under "state_dict";
   the architecture is inferred from the tensors (`clip_train.models.openai_layout`).
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,10 @@ from clip_train.models import CLIP, CLIPConfig, ModifiedResNetConfig, TextTransf
 from clip_train.models.configs import VisionTransformerConfig
 from clip_train.models.openai_layout import (
     CheckpointError,
-    check_checkpoint_file,
     config_from_openai_state_dict,
     load_openai_checkpoint,
     load_openai_state_dict,
-    torch_load_failure,
+    safe_torch_load,
 )
 
 CONFIG_KEY = "clip_config"
@@ -140,21 +138,10 @@ def load_model(path: str | Path, *, quick_gelu: bool | None = None) -> CLIP:
 
 
 def _torch_load(path: Path) -> object:
-    check_checkpoint_file(path)  # a JPEG or a text file is named as such, not given torch's advice
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            if any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist()):
-                raise CheckpointError(
-                    f"{path} is a TorchScript archive; loading it would execute its code. Expected "
-                    f"{EXPECTED_KINDS}"
-                )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file, or one holding arbitrary (unsafe) objects
-        raise CheckpointError(
-            f"cannot read {path} as a torch checkpoint of tensors: {torch_load_failure(exc)}. Expected "
-            f"{EXPECTED_KINDS}"
-        ) from exc
+        return safe_torch_load(path)
+    except CheckpointError as exc:  # names the file, so load_model would not add what it may be
+        raise CheckpointError(f"{exc}. Expected {EXPECTED_KINDS}") from exc
 
 
 def _is_lightning(obj: object) -> bool:

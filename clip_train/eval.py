@@ -43,7 +43,6 @@ from clip_train.evaluation.plots import plot_confusion_matrix, plot_per_class_ac
 from clip_train.evaluation.retrieval import evaluate_retrieval
 from clip_train.evaluation.templates import builtin_template_sets, load_classnames, load_templates
 from clip_train.evaluation.zero_shot import ZeroShotResult, evaluate_zero_shot
-from clip_train.models.openai_layout import check_checkpoint_file
 
 _TOP_CONFUSIONS = 20
 _TOP_K = 5  # the k of ClassificationMetrics.top5
@@ -185,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if not (args.imagefolder or args.shards or args.retrieval_folder or args.retrieval_shards):
         raise ValueError("nothing to evaluate: give --imagefolder or --shards, and/or a --retrieval-* set")
-    check_checkpoint_file(args.checkpoint)  # before the plan line, which would claim to be evaluating it
     templates = load_templates(args.templates)
     classification = _classification_set(args)
     retrieval = _retrieval_set(args)

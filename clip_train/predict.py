@@ -23,7 +23,6 @@ from pathlib import Path
 from clip_train.evaluation.cli_common import add_model_arguments, model_from_arguments, run
 from clip_train.evaluation.datasets import IMAGE_SUFFIXES, ImageRef, list_images
 from clip_train.evaluation.zero_shot import caption_probabilities
-from clip_train.models.openai_layout import check_checkpoint_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     if not texts:
         raise ValueError('no texts given: add them after the images (e.g. "a cat" "a dog"), or use --text')
     refs = image_refs(image_arguments)
-    check_checkpoint_file(args.checkpoint)  # before the plan line, which would claim to be scoring with it
     started = time.perf_counter()
     print(
         f"scoring {len(texts)} text(s) against {len(refs)} image(s) with {args.checkpoint}", file=sys.stderr

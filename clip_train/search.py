@@ -29,12 +29,17 @@ from typing import Any
 import torch
 
 from clip_train.checkpoints import clip_config_to_dict
-from clip_train.evaluation.cli_common import add_model_arguments, model_from_arguments, run
+from clip_train.evaluation.cli_common import (
+    add_model_arguments,
+    checkpoint_file,
+    model_from_arguments,
+    run,
+)
 from clip_train.evaluation.datasets import ImageRef, list_images, load_image, shard_images
 from clip_train.evaluation.embedding import embed_images, embed_texts, tokenizer_for
 from clip_train.evaluation.plots import plot_image_grid
 from clip_train.evaluation.retrieval import top_k_matches
-from clip_train.models.openai_layout import check_checkpoint_file, checkpoint_file_problem, torch_load_failure
+from clip_train.models.openai_layout import CheckpointError, safe_torch_load
 
 # Unchanged by the optional "weights_sha256" entry: older code ignores it, and an index without it loads.
 INDEX_FORMAT = "clip_train.search_index/1"
@@ -64,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("texts", nargs="+", help="one or more text queries")
     query.add_argument("--top-k", type=int, default=16, help="images per query (default 16)")
     query.add_argument("--out", required=True, help="output folder for the HTML page and PNG grids")
-    query.add_argument("--checkpoint", help="embed the texts with this model instead of the index's")
+    query.add_argument(
+        "--checkpoint",
+        type=checkpoint_file,
+        help="embed the texts with this model instead of the index's",
+    )
     query.add_argument(
         "--quick-gelu", choices=("auto", "true", "false"), default="auto", help=argparse.SUPPRESS
     )
@@ -118,21 +127,10 @@ def write_index(
 
 def read_index(path: str | Path) -> tuple[torch.Tensor, list[ImageRef], dict[str, Any]]:
     """(embeddings (N, D) float32, image references, the whole record)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"index file not found: {path}")
-    problem = checkpoint_file_problem(path)  # an image or a text file: say so, not what torch.load says
-    if problem is not None:
-        raise SearchIndexError(
-            f"{path} is not a search index ({problem}); write one with `python -m clip_train.search index`"
-        )
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SearchIndexError(
-            f"cannot read {path} as a search index: {torch_load_failure(exc)}; write one with "
-            "`python -m clip_train.search index`"
-        ) from exc
+        record = safe_torch_load(path, what="search index")
+    except CheckpointError as exc:  # an image, a text file, a model...: say so, then how to make an index
+        raise SearchIndexError(f"{exc}; write one with `python -m clip_train.search index`") from exc
     if not isinstance(record, dict) or record.get("format") != INDEX_FORMAT:
         raise SearchIndexError(f"{path} is not a search index written by `python -m clip_train.search index`")
     refs = [
@@ -149,7 +147,6 @@ def _index(args: argparse.Namespace) -> int:
     refs = list_images(args.images) if args.images else shard_images(args.shards)
     if not refs:
         raise ValueError(f"no images found in {args.images or args.shards}")
-    check_checkpoint_file(args.checkpoint)  # before the plan line, which would claim to be indexing
     out = Path(args.out)
     print(f"indexing {len(refs)} images from {args.images or args.shards} with {args.checkpoint} into {out}")
     model = model_from_arguments(args)
@@ -220,7 +217,6 @@ def _query(args: argparse.Namespace) -> int:
             "--checkpoint with (a copy of) that model"
         )
     args.checkpoint = args.checkpoint or record["checkpoint"]
-    check_checkpoint_file(args.checkpoint)
     out = Path(args.out)
     queries_text = _queries(len(args.texts))
     print(f"searching {len(refs)} images of {args.index} for {queries_text}, top {args.top_k}; to {out}")

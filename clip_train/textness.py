@@ -40,7 +40,7 @@ from clip_train.evaluation import embed_texts, list_images, shard_images, tokeni
 from clip_train.evaluation.datasets import IMAGE_SUFFIXES, ImageRef, load_image
 from clip_train.evaluation.linear_probe import fit_logistic_regression
 from clip_train.models import CLIP
-from clip_train.models.openai_layout import check_checkpoint_file
+from clip_train.models.openai_layout import CheckpointError, safe_torch_load
 
 SUFFIX = ".textness.pt"
 DEFAULT_SCALES = (-2.0, -1.0, 0.0, 1.0, 2.0)
@@ -160,16 +160,16 @@ class TextnessDirection:
     @classmethod
     def load(cls, path: str | Path, embed_dim: int | None = None) -> TextnessDirection:
         """Read a saved direction; `embed_dim` checks it fits a model."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"textness direction not found: {path}")
         try:
-            record = torch.load(path, map_location="cpu", weights_only=True)
-            vector, summary = record["direction"], json.loads(record["summary"])
-        except Exception as exc:
+            record = safe_torch_load(path, what="textness direction")
+        except CheckpointError as exc:  # already one line naming the file and why it is not one
+            raise TextnessError(str(exc)) from exc
+        if not isinstance(record, dict) or not {"direction", "summary"} <= record.keys():
             raise TextnessError(
-                f"{path} is not a textness direction written by TextnessDirection.save: {exc}"
-            ) from exc
+                f"{path} is not a textness direction written by TextnessDirection.save: it holds no "
+                "'direction' and 'summary' entries"
+            )
+        vector, summary = record["direction"], json.loads(record["summary"])
         if embed_dim is not None and vector.numel() != embed_dim:
             raise TextnessError(
                 f"{path} is a {vector.numel()}-d direction but the model embeds into {embed_dim} "
@@ -465,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     scales = _scales(args.scales) if args.command == "evaluate" else []
     if args.command == "evaluate" and args.k < 1:
         raise TextnessError(f"--k must be at least 1, got {args.k}")
-    # The cheap checks of the inputs first, then the images, and the model (seconds to load) last.
-    check_checkpoint_file(args.checkpoint)
+    # The cheap checks of the inputs first (--checkpoint's while parsing), then the images, and the model
+    # (seconds to load) last.
     images = load_images(args.images, args.max_images)
     model = model_from_arguments(args)
     if args.command == "train":

@@ -119,7 +119,7 @@ def test_not_a_torch_file(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("these are not weights")
     with pytest.raises(
-        CheckpointError, match=r"notes\.pt is not a PyTorch checkpoint or safetensors file: it is a text"
+        CheckpointError, match=r"notes\.pt is not a PyTorch checkpoint: it is a text file\. Expected an "
     ):
         load_model(path)
 
@@ -150,7 +150,7 @@ def test_pickled_object_is_refused_not_executed(tmp_path):
     with pytest.raises(CheckpointError) as refused:
         load_model(path)
     message = str(refused.value)
-    assert message.startswith(f"cannot read {path} as a torch checkpoint of tensors: it holds ")
+    assert message.startswith(f"cannot read {path} as a PyTorch checkpoint: it holds ")
     assert "GLOBAL io.open" in message  # names what was refused: torch's reason, not its advice
     assert "\x1b[" not in message and "\n" not in message  # one plain line for the CLIs' `error:` output
     assert not marker.exists()
@@ -164,7 +164,7 @@ def test_pickled_module_is_refused(tmp_path):
     torch.save(build_model("vit-tiny"), path)  # torch.save(model) rather than of its state dict
     with pytest.raises(
         CheckpointError,
-        match=r"cannot read .*whole_model\.pt as a torch checkpoint of tensors: it holds .*GLOBAL "
+        match=r"cannot read .*whole_model\.pt as a PyTorch checkpoint: it holds .*GLOBAL "
         r"clip_train\.models\.\S*CLIP\b",
     ):
         load_model(path)

@@ -19,7 +19,7 @@ from eval_support import (
 from PIL import Image
 
 from clip_train import eval as eval_cli
-from clip_train import predict, search
+from clip_train import predict, search, textness
 from clip_train.checkpoints import load_model, save_model
 from clip_train.data.transforms import eval_transform, normalize_batch, stack_uint8
 from clip_train.evaluation import (
@@ -34,6 +34,7 @@ from clip_train.evaluation import (
 from clip_train.evaluation.cli_common import run
 from clip_train.evaluation.embedding import embed_images, embed_texts, tokenizer_for
 from clip_train.evaluation.zero_shot import ZeroShotResult, classification_metrics
+from clip_train.export import cli as export_cli
 from clip_train.models.openai_layout import save_openai_checkpoint
 from clip_train.tokenizer import Tokenizer
 
@@ -51,6 +52,11 @@ def material(tmp_path_factory) -> Path:
 
 def _fails(main, argv: list[str], capsys) -> str:
     return _refused(main, argv, capsys)[1]
+
+
+def _checkpoint_refused(err: str, message: str) -> bool:
+    """Whether stderr is argparse's refusal of --checkpoint with `message`: the usage, then one error line."""
+    return err.startswith("usage: ") and err.endswith(f": error: argument --checkpoint: {message}\n")
 
 
 def _refused(main, argv: list[str], capsys) -> tuple[str, str]:
@@ -198,23 +204,25 @@ def _not_checkpoints(folder: Path, material: Path) -> dict[str, tuple[Path, str]
 
 def test_a_file_that_is_no_checkpoint_is_named_before_anything_runs(material, tmp_path, capsys):
     image = str(material / "colours" / "red" / "red_0.jpg")
+    colours, index = str(material / "colours"), str(tmp_path / "i.pt")
     for path, kind in _not_checkpoints(tmp_path, material).values():
-        expected = f"error: {path} is not a PyTorch checkpoint or safetensors file: it is {kind}\n"
+        expected = f"{path} is not a PyTorch checkpoint or safetensors file: it is {kind}"
+        # (main, the words before --checkpoint, those after it)
         runs = [
-            (eval_cli.main, ["--imagefolder", str(material / "colours"), "--out", str(tmp_path / "o")]),
-            (predict.main, [image, "a cat"]),
-            (search.main, ["index", "--images", str(material / "colours"), "--out", str(tmp_path / "i.pt")]),
+            (eval_cli.main, [], ["--imagefolder", colours, "--out", str(tmp_path / "o")]),
+            (predict.main, [], [image, "a cat"]),
+            (search.main, ["index"], ["--images", colours, "--out", index]),
+            (search.main, ["query"], ["--index", index, "a cat", "--out", str(tmp_path / "q")]),
+            (textness.main, ["train"], ["--images", colours]),
+            (export_cli.main, [], ["--format", "onnx", "--out", str(tmp_path / "e")]),
         ]
-        for main, argv in runs:
-            if main is search.main:
-                argv = [argv[0], "--checkpoint", str(path), *argv[1:]]
-            else:
-                argv = ["--checkpoint", str(path), *argv]
-            out, err = _refused(main, argv, capsys)
-            # One short line, without torch's advice to load the file unsafely; no plan line before it.
-            assert err == expected, (main.__module__, err)
+        for main, before, after in runs:
+            out, err = _refused(main, [*before, "--checkpoint", str(path), *after], capsys)
+            # Refused while parsing, in one short line without torch's advice to load the file unsafely;
+            # no plan line before it.
+            assert _checkpoint_refused(err, expected), (main.__module__, err)
             assert out == "", (main.__module__, out)
-    assert not (tmp_path / "o").exists() and not (tmp_path / "i.pt").exists()
+    assert not any((tmp_path / name).exists() for name in ("o", "i.pt", "q", "e"))
 
 
 def test_eval_on_labelled_shards(material, tmp_path, capsys):
@@ -286,7 +294,7 @@ def test_eval_bad_inputs(material, tmp_path, capsys):
         str(tmp_path / "o"),
     ]
     out, err = _refused(eval_cli.main, ["--checkpoint", "nowhere.ckpt", *base[2:]], capsys)
-    assert err == "error: checkpoint not found: nowhere.ckpt\n"
+    assert _checkpoint_refused(err, "checkpoint not found: nowhere.ckpt"), err
     assert out == ""  # the plan line ("evaluating nowhere.ckpt…") would contradict the error
     bad = tmp_path / "bad_templates.txt"
     bad.write_text("a photo of a thing.\n")
@@ -410,8 +418,8 @@ def test_predict_bad_inputs(material, capsys):
     err = _fails(predict.main, ["--checkpoint", model, "a cat", "a dog"], capsys)
     assert "no images given" in err
     out, err = _refused(predict.main, ["--checkpoint", "nowhere.ckpt", image, "a cat"], capsys)
-    # The plan line goes to stderr too: the error must be all there is.
-    assert (out, err) == ("", "error: checkpoint not found: nowhere.ckpt\n")
+    # The plan line goes to stderr too: argparse's refusal must be all there is.
+    assert out == "" and _checkpoint_refused(err, "checkpoint not found: nowhere.ckpt"), err
 
 
 def _build_index(material: Path, index: Path) -> None:
@@ -531,7 +539,7 @@ def test_search_query_on_a_file_that_is_no_index(material, tmp_path, capsys):
         out, err = _refused(search.main, argv, capsys)
         assert (out, err) == (
             "",
-            f"error: {path} is not a search index (it is {kind}); write one with "
+            f"error: {path} is not a search index: it is {kind}; write one with "
             "`python -m clip_train.search index`\n",
         )
 
@@ -546,7 +554,7 @@ def test_search_bad_inputs(material, tmp_path, capsys):
     err = _fails(
         search.main, ["query", "--index", str(tmp_path / "none.pt"), "cat", "--out", str(tmp_path)], capsys
     )
-    assert "index file not found" in err
+    assert f"search index not found: {tmp_path / 'none.pt'}" in err
     err = _fails(
         search.main,
         [

@@ -14,7 +14,7 @@ import torch
 from eval_support import write_lightning_checkpoint
 
 from clip_train.checkpoints import CheckpointError
-from clip_train.export import ExportError, export_model
+from clip_train.export import ExportError, check_output_dir, export_model
 from clip_train.export.cli import main
 from clip_train.models import build_model
 
@@ -111,13 +111,14 @@ def test_not_a_clip_checkpoint_in_process(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_a_jpeg_as_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+def test_a_jpeg_as_checkpoint_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(100))
-    with pytest.raises(CheckpointError) as refused:
+    with pytest.raises(SystemExit) as exit_info:  # refused while the arguments are parsed
         main(["--checkpoint", str(photo), "--format", "onnx", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
     expected = f"{photo} is not a PyTorch checkpoint or safetensors file: it is a JPEG image"
-    assert str(refused.value) == expected
+    assert capsys.readouterr().err.endswith(f"error: argument --checkpoint: {expected}\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -143,6 +144,9 @@ def test_occupied_output_folder_needs_overwrite(checkpoint: Path, tmp_path: Path
     # In the CLI's words only: the library's "overwrite=True" means nothing to its user.
     assert "overwrite=True" not in str(refused.value)
     assert str(refused.value).startswith(f"--out {out} exists and is not empty; choose a new folder")
+    # The library's own refusal names its keyword argument instead.
+    with pytest.raises(ExportError, match=r"^the output folder .* not empty; .* pass overwrite=True to "):
+        check_output_dir(out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert main([*args, "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "keep me"  # files of other names are left alone

@@ -19,6 +19,7 @@ from clip_train.models.openai_layout import (
     config_from_openai_state_dict,
     load_openai_checkpoint,
     load_openai_state_dict,
+    safe_torch_load,
     save_openai_checkpoint,
     to_openai_state_dict,
 )
@@ -216,7 +217,7 @@ class _Payload(nn.Module):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_loading_runs_no_code(tmp_path: Path, vit_state: dict) -> None:
     torch.save({"state_dict": vit_state, "hook": _Payload()}, tmp_path / "pickled.pt")
-    with pytest.raises(CheckpointError, match=r"cannot read .* as a plain torch checkpoint of tensors") as e:
+    with pytest.raises(CheckpointError, match=r"cannot read .* as a PyTorch checkpoint: it holds ") as e:
         load_openai_checkpoint(tmp_path / "pickled.pt")
     # What was refused, on one line: not torch's page of advice to load the file with weights_only=False.
     assert str(e.value).endswith(
@@ -274,10 +275,10 @@ def test_files_that_are_no_checkpoint_are_named(
     with pytest.raises(CheckpointError) as refused:
         check_checkpoint_file(path)
     assert str(refused.value) == message
-    # Loading says the same in one line, not torch's page ending in "load it with weights_only=False".
+    # Loading says why in one line too, not torch's page ending in "load it with weights_only=False".
     with pytest.raises(CheckpointError) as refused:
         load_openai_checkpoint(path)
-    assert str(refused.value) == message
+    assert str(refused.value) == f"{path} is not a PyTorch checkpoint: {problem}"
     renamed = path.rename(path.with_suffix(".safetensors"))
     with pytest.raises(CheckpointError) as refused:
         load_openai_checkpoint(renamed)
@@ -299,3 +300,21 @@ def test_checkpoint_files_pass_the_first_bytes_check(tmp_path: Path, vit_state: 
     assert check_checkpoint_file(tmp_path) == tmp_path  # a folder is left to load_model to explain
     with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*absent\.pt"):
         check_checkpoint_file(tmp_path / "absent.pt")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_safe_torch_load_names_what_the_file_should_have_been(tmp_path: Path) -> None:
+    # The callers (search index, textness direction, checkpoints) pass their own noun for the messages.
+    record = {"embeddings": torch.zeros(2, 3), "paths": ["a.jpg", "b.jpg"]}
+    torch.save(record, tmp_path / "index.pt")
+    assert safe_torch_load(tmp_path / "index.pt", what="search index")["paths"] == ["a.jpg", "b.jpg"]
+    with pytest.raises(FileNotFoundError, match=r"^search index not found: .*absent\.pt$"):
+        safe_torch_load(tmp_path / "absent.pt", what="search index")
+    with pytest.raises(CheckpointError, match=r"^.* is a folder, not a search index$"):
+        safe_torch_load(tmp_path, what="search index")
+    (tmp_path / "notes.txt").write_text("a red square\n")
+    with pytest.raises(CheckpointError, match=r"notes\.txt is not a search index: it is a text file$"):
+        safe_torch_load(tmp_path / "notes.txt", what="search index")
+    torch.jit.script(nn.Linear(2, 2)).save(str(tmp_path / "jit.pt"))
+    with pytest.raises(CheckpointError, match=r"jit\.pt is a TorchScript archive .*, not a search index; "):
+        safe_torch_load(tmp_path / "jit.pt", what="search index")

@@ -81,6 +81,26 @@ def test_the_direction_round_trips_beside_its_checkpoint_and_checks_the_model(tm
         TextnessDirection.load(path, embed_dim=64)
 
 
+def test_a_file_that_is_no_direction_is_refused_in_one_line(tmp_path):
+    notes, other, pickled = tmp_path / "notes.txt", tmp_path / "other.pt", tmp_path / "pickled.pt"
+    notes.write_text("not a direction\n")
+    torch.save({"vector": torch.zeros(4)}, other)
+    torch.save({"direction": torch.zeros(4), "summary": Image.new("RGB", (1, 1))}, pickled)
+    expected = {
+        notes: f"{notes} is not a textness direction: it is a text file",
+        other: f"{other} is not a textness direction written by TextnessDirection.save: it holds no "
+        "'direction' and 'summary' entries",
+        pickled: f"cannot read {pickled} as a textness direction: it holds other pickled objects",
+    }
+    for path, message in expected.items():
+        with pytest.raises(TextnessError) as refused:
+            TextnessDirection.load(path)
+        # Not torch's page of advice to load the file unsafely.
+        assert str(refused.value).startswith(message) and "\n" not in str(refused.value), str(refused.value)
+    with pytest.raises(FileNotFoundError, match=r"^textness direction not found: .*absent\.pt$"):
+        TextnessDirection.load(tmp_path / "absent.pt")
+
+
 def test_rendering_draws_the_word_on_a_copy():
     image = Image.new("RGB", (96, 96), (120, 130, 140))
     out = render_word(image, "hello", __import__("random").Random(0))
@@ -123,7 +143,7 @@ def test_an_empty_image_folder_is_said_to_hold_no_images(tmp_path):
         assert str(refused.value).startswith(f"no images found in {tmp_path / 'empty'} (image files: .jpg, ")
 
 
-def test_every_option_has_help_with_its_default(capsys):
+def test_every_option_has_help_with_its_default(tmp_path, capsys):
     # The help of each option ends with its default, right before the next option's name.
     next_option = {"train": "--words", "evaluate": "--queries"}
     for command in ("train", "evaluate"):
@@ -133,6 +153,8 @@ def test_every_option_has_help_with_its_default(capsys):
         assert "--seed SEED seed of " in text and f"(default 0) {next_option[command]}" in text
     assert "--scales SCALES comma-separated steering scales" in text and "(default -2,-1,0,1,2;" in text
     assert "--k K top-k images per query and scale" in text and "(default 10) --out" in text
-    argv = ["evaluate", "--checkpoint", "m.pt", "--images", "x", "--queries", "a", "--out", "o"]
+    checkpoint = tmp_path / "m.pt"
+    torch.save({}, checkpoint)  # checkpoint-shaped: --checkpoint is checked while the arguments are parsed
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--images", "x", "--queries", "a", "--out", "o"]
     with pytest.raises(TextnessError, match=r"--scales takes comma-separated numbers, e\.g\. --scales=-2"):
         main([*argv, "--scales=1,a"])

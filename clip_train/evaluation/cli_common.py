@@ -11,12 +11,26 @@ import torch
 
 from clip_train.checkpoints import load_model
 from clip_train.models import CLIP
+from clip_train.models.openai_layout import CheckpointError, check_checkpoint_file
+
+
+def checkpoint_file(value: str) -> str:
+    """The `type=` of a --checkpoint option: a missing file, or one that is no checkpoint by its first bytes
+    (an image, a text file), is refused while the arguments are parsed, before a CLI prints a plan line
+    that would claim to be using it or spends time on its other inputs. Returns `value` unchanged."""
+    try:
+        check_checkpoint_file(value)
+    except (FileNotFoundError, CheckpointError) as exc:
+        # argparse shows an ArgumentTypeError's own message; any other error becomes "invalid value".
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     parser.add_argument(
         "--checkpoint",
         required=required,
+        type=checkpoint_file,
         help="model file: our trainer's .ckpt, an OpenAI/OpenCLIP .pt/.bin/.safetensors, or save_model's .pt",
     )
     parser.add_argument(

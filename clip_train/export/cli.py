@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from clip_train.checkpoints import load_model
+from clip_train.evaluation.cli_common import checkpoint_file
 from clip_train.export import FORMATS, check_exportable, export_model, human_size, prepare_output_dir
-from clip_train.export.files import ExportedFile, ExportError, check_output_dir
+from clip_train.export.files import ExportedFile, check_output_dir
 from clip_train.export.onnx_export import TOWERS, export_onnx
 from clip_train.models import CLIP, ModifiedResNetConfig
-from clip_train.models.openai_layout import check_checkpoint_file
 from clip_train.tokenizer import Tokenizer
 
 _DESCRIPTIONS = {
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         required=True,
+        type=checkpoint_file,
         help="model file: our trainer's .ckpt, an OpenAI/OpenCLIP .pt/.bin/.safetensors, or save_model's .pt",
     )
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
@@ -74,24 +75,13 @@ def describe(model: CLIP) -> str:
     return f"{kind} image tower, {params / 1e6:.1f} M parameters"
 
 
-def _check_out(out: Path, *, overwrite: bool) -> None:
-    """`check_output_dir` in the CLI's words: its own refusal of a non-empty folder names both the option
-    and the library's `overwrite=True`, of which only the option means anything here."""
-    if out.is_dir() and not overwrite and any(out.iterdir()):
-        raise ExportError(
-            f"--out {out} exists and is not empty; choose a new folder, or pass --overwrite to replace the "
-            "files of the same names (other files are left alone)"
-        )
-    check_output_dir(out, overwrite=overwrite)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     out = Path(args.out)
     precision = "fp16" if args.fp16 else "fp32"
-    _check_out(out, overwrite=args.overwrite)  # before the seconds spent loading the model
-    check_checkpoint_file(args.checkpoint)
+    # Before the seconds spent loading the model (--checkpoint was checked while parsing).
+    check_output_dir(out, overwrite=args.overwrite, out_name="--out", overwrite_name="--overwrite")
     quick_gelu = {"auto": None, "true": True, "false": False}[args.quick_gelu]
     model = load_model(args.checkpoint, quick_gelu=quick_gelu)
     tokenizer = None

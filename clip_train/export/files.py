@@ -22,16 +22,27 @@ class ExportedFile:
         return self.path.stat().st_size
 
 
-def check_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def check_output_dir(
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    out_name: str | None = None,
+    overwrite_name: str | None = None,
+) -> Path:
     """Refuse an output path that is a file, or an existing non-empty folder unless `overwrite` (so that an
-    export never mixes its files with another's by accident). Creates nothing; returns the path."""
+    export never mixes its files with another's by accident). Creates nothing; returns the path.
+
+    The refusals call the folder "the output folder" and the way out "overwrite=True"; a CLI passes its own
+    options' names instead (`out_name="--out"`, `overwrite_name="--overwrite"`), as a keyword argument
+    means nothing to its user."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ExportError(f"the output path {out} exists and is not a folder")
+        raise ExportError(f"{out_name or 'the output path'} {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(
-            f"the output folder {out} exists and is not empty; choose a new folder or pass --overwrite "
-            "(overwrite=True) to replace the files of the same names"
+            f"{out_name or 'the output folder'} {out} exists and is not empty; choose a new folder, or pass "
+            f"{overwrite_name or 'overwrite=True'} to replace the files of the same names (other files are "
+            "left alone)"
         )
     return out
 

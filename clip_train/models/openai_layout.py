@@ -12,7 +12,8 @@ otherwise: the activation (QuickGELU, recorded in our .safetensors metadata) and
 (the largest token id, i.e. end-of-text = vocab_size - 1). `to_openai_state_dict` refuses models that this
 inference would get wrong.
 
-Loading never executes code from the file: `torch.load(..., weights_only=True)` or safetensors.
+Loading never executes code from the file: `safe_torch_load` (`torch.load(..., weights_only=True)`)
+or safetensors.
 """
 
 from __future__ import annotations
@@ -306,6 +307,35 @@ def torch_load_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
 
 
+def safe_torch_load(path: str | Path, what: str = "PyTorch checkpoint") -> object:
+    """What `torch.save` wrote to `path`, read onto the CPU with `weights_only=True` so that no code in the
+    file runs: the one place this project loads a torch file. Every failure is one line naming the file and
+    `what` it should have been, with the reason instead of torch's page of advice to load it unsafely:
+    FileNotFoundError for a missing path, `CheckpointError` for a folder, a file whose first bytes rule
+    torch out (`checkpoint_file_problem`), a TorchScript archive, or one torch refuses or cannot read.
+    Callers with advice of their own ("write one with ...") add it to these messages."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is a folder, not a {what}")
+    problem = checkpoint_file_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a {what}: {problem}")
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        # torch.load refuses it too, but with advice to load it unsafely rather than how to get its weights.
+        raise CheckpointError(
+            f"{path} is a TorchScript archive (the format of OpenAI's original CLIP downloads), not a "
+            f"{what}; loading it would execute its code. If it holds weights you trust, save its "
+            "state_dict with `torch.jit.load(path).state_dict()` in a trusted environment, or use "
+            "OpenCLIP's .safetensors copy of the weights"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused (arbitrary objects), or a damaged file
+        raise CheckpointError(f"cannot read {path} as a {what}: {torch_load_failure(exc)}") from exc
+
+
 def read_openai_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The state dict of a .pt/.bin/.safetensors file, unwrapped from a `"state_dict"` entry and from
     `module.` prefixes, with the file's safetensors metadata (empty for torch files)."""
@@ -326,21 +356,7 @@ def read_openai_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[st
                 f"cannot read {path} as safetensors (corrupt or truncated?): {exc}"
             ) from exc
     else:
-        if zipfile.is_zipfile(path) and _is_torchscript(path):
-            raise CheckpointError(
-                f"{path} is a TorchScript archive (the format of OpenAI's original downloads); loading it "
-                "would execute its code. Save its state_dict with `torch.jit.load(path).state_dict()` in a "
-                "trusted environment, or use OpenCLIP's .safetensors copy of the weights"
-            )
-        problem = checkpoint_file_problem(path)
-        if problem is not None:
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint or safetensors file: {problem}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling refused (arbitrary objects) or a corrupt file
-            raise CheckpointError(
-                f"cannot read {path} as a plain torch checkpoint of tensors: {torch_load_failure(exc)}"
-            ) from exc
+        obj = safe_torch_load(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
