@@ -306,7 +306,7 @@ def test_live_crawl_through_the_cli(tmp_path, capsys):
         ("", "no seed URL in "),
         ("# only a comment\n\n", "no seed URL in "),
         ("www.example.com/index.html\n", "seeds.txt:1: not an absolute http(s) URL"),  # used to be lost
-        ("# c\nhttp://[::1/x.html\n", "seeds.txt:2: not an absolute http(s) URL"),
+        ("# c\nhttp://[127.0.0.1/x.html\n", "seeds.txt:2: not an absolute http(s) URL"),
     ],
 )
 def test_bad_seed_file_fails_before_any_work(inputs, tmp_path, capsys, text, message):

@@ -187,38 +187,39 @@ def test_the_distillation_experiments_compose():
     assert b32.model.width_ratio == 0.5 and b32.model.depth_ratio == 0.5 and b32.module.teacher_embeddings
 
 
-def test_distillation_under_a_sharded_strategy_is_refused_before_training(setup, tmp_path):
-    _, shards, teacher_path = setup
+def _refused_before_training(tmp_path: Path, shards: str, *overrides: str, match: str) -> None:
+    """`+experiment=distill_demo` on `shards` with `overrides` stops with a ConfigError matching `match`,
+    before any checkpoint is written."""
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[
-            "+experiment=distill_demo", f"teacher={teacher_path}", f"data.train_shards='{shards}'",
-            f"paths.root_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
-            "trainer=fsdp", "trainer.accelerator=cpu",
-            # tests/sharded_on_cpu.py: FSDP allowed on a CPU
-            "trainer.strategy._target_=sharded_on_cpu.FSDPOnCPU", "module.gradient_clip_norm=null",
+            "+experiment=distill_demo", f"data.train_shards='{shards}'", f"paths.root_dir={tmp_path}",
+            f"paths.run_dir={tmp_path}/run", *overrides,
         ])  # fmt: skip
-    with pytest.raises(ConfigError, match="DistillationModule does not run under FSDPOnCPU"):
+    with pytest.raises(ConfigError, match=match):
         train(cfg)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_distillation_under_a_sharded_strategy_is_refused_before_training(setup, tmp_path):
+    _, shards, teacher_path = setup
+    _refused_before_training(
+        tmp_path, shards, f"teacher={teacher_path}", "trainer=fsdp", "trainer.accelerator=cpu",
+        # tests/sharded_on_cpu.py: FSDP allowed on a CPU
+        "trainer.strategy._target_=sharded_on_cpu.FSDPOnCPU", "module.gradient_clip_norm=null",
+        match="DistillationModule does not run under FSDPOnCPU",
+    )  # fmt: skip
 
 
 def test_validation_shards_with_distillation_are_refused_before_training(setup, tmp_path):
     _, shards, teacher_path = setup
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "+experiment=distill_demo", f"teacher={teacher_path}", f"data.train_shards='{shards}'",
-            f"data.val_shards='{shards}'", f"paths.root_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
-        ])  # fmt: skip
-    with pytest.raises(ConfigError, match=r"DistillationModule has no validation .*=null\)"):
-        train(cfg)
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+    _refused_before_training(
+        tmp_path, shards, f"teacher={teacher_path}", f"data.val_shards='{shards}'",
+        match=r"DistillationModule has no validation .*=null\)",
+    )  # fmt: skip
 
 
 def test_a_missing_teacher_is_refused_before_training_saying_how_to_name_one(setup, tmp_path):
     _, shards, _ = setup
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "+experiment=distill_demo", f"data.train_shards='{shards}'", f"paths.root_dir={tmp_path}",
-        ])  # fmt: skip
-    with pytest.raises(ConfigError, match=r"teacher checkpoint .*last\.ckpt not found: pass teacher=PATH"):
-        train(cfg)
+    _refused_before_training(
+        tmp_path, shards, match=r"teacher checkpoint .*last\.ckpt not found: pass teacher=PATH"
+    )
