@@ -7,22 +7,30 @@ of shards in img2dataset's layout (for the trainer's data-module tests).
 
 `write_img2dataset_shards(root, [5, 3])` writes 00000.tar (keys 000000000..), 00000.parquet and
 00000_stats.json, like `img2dataset --output_format webdataset`.
+
+`run_download_cli(args, ...)` runs `python -m data_pipelines.download` in a child process that meets file
+permissions as a regular user does, even when the tests run as root, optionally under a file size limit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import io
 import json
+import os
+import resource
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -30,9 +38,67 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 TEST_USER_AGENT = "clipbot/1.0 (+test)"
+REPO = Path(__file__).resolve().parents[1]
+_PR_CAPBSET_DROP = 24  # <linux/prctl.h>
+_CAP_DAC_OVERRIDE = 1  # <linux/capability.h>: write and read whatever the permission bits say
+
+
+# Looked up here, in the parent: the child between fork and exec only makes the call (no dlopen there,
+# whose lock another thread of the parent may have held at the fork).
+_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # Linux only
+
+
+def _drop_permission_override() -> None:
+    """Run in a child before exec: remove CAP_DAC_OVERRIDE from its bounding set. Root's program then
+    starts without it, so a folder's missing write bit stops it as it stops any user."""
+    if _prctl is None or _prctl(_PR_CAPBSET_DROP, _CAP_DAC_OVERRIDE, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE)")
+
+
+@functools.lru_cache(maxsize=1)
+def _can_drop_permission_override() -> bool:
+    try:
+        subprocess.run(["true"], preexec_fn=_drop_permission_override, check=True)
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return True
+
+
+def run_download_cli(
+    args: Sequence[str], *, file_size_limit: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m data_pipelines.download ARGS` in a child process, its output captured as text.
+
+    The child meets file permissions as a regular user does: a folder chmod'ed read-only refuses its
+    writes. Tests run as root as well (containers, CI), and root ignores permission bits, so the child of
+    root starts without CAP_DAC_OVERRIDE; where that cannot be done the test is skipped, saying why.
+    file_size_limit: RLIMIT_FSIZE in bytes, so that a write past it fails with EFBIG (File too large), part
+    way through the file, as a full disk fails one with ENOSPC.
+    """
+    steps: list[Callable[[], None]] = []
+    if os.geteuid() == 0:
+        if not _can_drop_permission_override():
+            pytest.skip("runs as root, which ignores permission bits, and cannot drop CAP_DAC_OVERRIDE here")
+        steps.append(_drop_permission_override)
+    if file_size_limit is not None:
+        steps.append(lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit)))
+
+    def before_exec() -> None:
+        for step in steps:
+            step()
+
+    return subprocess.run(
+        [sys.executable, "-m", "data_pipelines.download", *args],
+        cwd=REPO,
+        preexec_fn=before_exec,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @functools.lru_cache(maxsize=4096)

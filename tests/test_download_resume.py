@@ -17,12 +17,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from download_support import TEST_USER_AGENT, FaultServer
+from download_support import TEST_USER_AGENT, FaultServer, run_download_cli
 
+from data_pipelines.download import runner
+from data_pipelines.download.__main__ import build_parser
 from data_pipelines.download.__main__ import main as cli_main
 from data_pipelines.download.pack import delete_parts, pack
 from data_pipelines.download.plan import Plan
-from data_pipelines.download.runner import _CHECKS, FAILURE_STATUSES
+from data_pipelines.download.runner import _CHECKS, FAILURE_STATUSES, DownloadConfig, content_settings
 from data_pipelines.download.shard_writer import read_samples, write_part
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,14 +282,17 @@ def test_kill_9_during_the_pack_then_resume(
 
 
 def test_a_rerun_with_another_shard_size_repacks_without_downloading(
-    server: FaultServer, slow_table, tmp_path: Path
+    server: FaultServer, slow_table, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     table, reference = slow_table
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     hits = dict(server.hits)
+    capsys.readouterr()
     assert cli_main([*common_args(table, out), "--samples-per-shard", "20"]) == 0
     assert dict(server.hits) == hits
+    # The change is named, old value -> new, as the one setting that a rerun may change and that repacks.
+    assert "--samples-per-shard 8 -> 20: the shards are repacked from the parts" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["num_samples"] for s in manifest["shards"]] == [20, 20, 9]
     assert sorted(p.name for p in out.glob("shard-*.tar")) == [f"shard-{i:06d}.tar" for i in range(3)]
@@ -335,6 +340,88 @@ def test_retry_failed_refetches_only_failed_rows(tmp_path: Path) -> None:
 
 def _last_row(out: Path) -> dict:
     return pq.read_table(out / "shard-000000.parquet").to_pylist()[-1]
+
+
+def test_a_rerun_with_another_input_or_settings_names_each_change_and_how_to_go_on(
+    server: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """It used to say only "(settings changed)", not which setting, its old value or what to do."""
+    table = write_urls(tmp_path / "in.parquet", [server.url(f"/img/{i}.jpg") for i in (800, 801, 802)])
+    out = tmp_path / "out"
+    assert cli_main(common_args(table, out)) == 0
+    hits = dict(server.hits)
+    capsys.readouterr()
+    changed = ["--image-size", "32", "--rows-per-part", "5", "--resize-mode", "longest"]
+    assert cli_main([*common_args(table, out), *changed]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out} already holds a download made with other settings: --rows-per-part 10 -> 5, "
+        "--image-size 24 -> 32, --resize-mode center_crop -> longest. To resume it, rerun with the settings "
+        "it was made with (--rows-per-part 10 --image-size 24 --resize-mode center_crop); to download with "
+        f"the new settings, use a new output folder (or remove {out} first)\n"
+    )
+    longer = write_urls(
+        tmp_path / "longer.parquet", [server.url(f"/img/{i}.jpg") for i in (800, 801, 802, 803)]
+    )
+    assert cli_main(common_args(longer, out)) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out} already holds a download of another input: {table} had 3 rows, {longer} has 4. To "
+        "resume it, rerun with the input it was made from; to download with the new input, use a new output "
+        f"folder (or remove {out} first)\n"
+    )
+    other = write_urls(tmp_path / "other.parquet", [server.url(f"/img/{i}.jpg") for i in (800, 801, 803)])
+    assert cli_main([*common_args(other, out), "--image-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert f"of another input: {other} has other URLs than {table} had in its 3 rows; and made " in err
+    assert (
+        "with other settings: --image-size 24 -> 32. To resume it, rerun with the input it was made " in err
+    )
+    assert "from and the settings it was made with (--image-size 24); to download with the new input " in err
+    assert dict(server.hits) == hits  # each refused before any download
+
+
+def test_every_setting_a_resume_keeps_is_named_by_its_option() -> None:
+    """A refused rerun names each changed setting by the option that sets it (a setting missing from the
+    table would be named by its internal key)."""
+    settings = content_settings(DownloadConfig(input="in", output="out"))
+    keys = {"rows_per_part"}
+    for key, value in settings.items():
+        keys |= {f"{key}.{sub}" for sub in value} if isinstance(value, dict) else {key}
+    assert set(runner.SETTING_OPTIONS) == keys
+    options = build_parser()._option_string_actions
+    assert [o for o in runner.SETTING_OPTIONS.values() if o not in options] == ["ImageConfig.border_color"]
+
+
+@pytest.mark.parametrize(("fails_in", "processes"), [("part", 1), ("part", 2), ("shard", 1)])
+def test_a_write_that_fails_mid_run_ends_in_one_line_and_the_same_command_resumes(
+    server: FaultServer, tmp_path: Path, fails_in: str, processes: int
+) -> None:
+    """A write that fails part-way (a full disk) used to end in a traceback. Here the child's file size
+    limit (RLIMIT_FSIZE) fails it with EFBIG, as a full disk fails it with ENOSPC, through the same path.
+    Parts of 10 rows (tars of about 35 kB) exceed the 15 kB limit; parts of one row (one 10 kB tar record)
+    do not, and then the pack's shard of 12 samples does."""
+    table = write_urls(tmp_path / "in.parquet", [server.url(f"/img/{i}.jpg") for i in range(810, 822)])
+    rows_per_part = "10" if fails_in == "part" else "1"
+    sizes = ["--rows-per-part", rows_per_part, "--samples-per-shard", "12"]
+    fresh = tmp_path / "fresh"
+    assert cli_main([*common_args(table, fresh), *sizes]) == 0
+    out = tmp_path / "out"
+    args = [*common_args(table, out), *sizes]
+    result = run_download_cli([*args, "--processes", str(processes)], file_size_limit=15_000)
+    failed = out / "_parts" / "part-000000.tar" if fails_in == "part" else out / "shard-000000.tar"
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot write {failed} (on the file system mounted at ")
+    assert (
+        "): File too large; the files finished before are intact: raise the file size limit" in result.stderr
+    )
+    assert result.stderr.endswith(", then rerun the same command to resume\n")
+    assert result.stderr.count("\n") == 1  # one line, no traceback
+    # Nothing torn under a final name, no temporary left behind, no manifest: a resumable state.
+    assert not failed.exists() and not hidden_files(out) and not (out / "manifest.json").exists()
+    hits = dict(server.hits)
+    assert cli_main(args) == 0
+    if fails_in == "shard":  # every part was complete: the rerun only packs
+        assert dict(server.hits) == hits
+    assert shard_contents(out) == shard_contents(fresh)
 
 
 def test_a_retry_that_changes_only_the_reason_repacks(tmp_path: Path) -> None:
@@ -399,7 +486,11 @@ def test_delete_parts_keeps_the_shards_and_refuses_retry(
         capsys.readouterr().err
     )
     assert cli_main([*common_args(table, out), "--samples-per-shard", "20"]) == 2
-    assert "cannot be repacked with 20 samples per shard" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: --samples-per-shard 8 -> 20: the parts of {out} were deleted after packing"
+    )
+    assert "rerun with --samples-per-shard 8 to see its summary, or download into a new output folder" in err
     assert dict(server.hits) == hits and shard_contents(out) == shard_contents(reference)
 
 

@@ -14,7 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from download_support import TEST_USER_AGENT, FaultServer, jpeg_image, write_img2dataset_shards
+from download_support import (
+    TEST_USER_AGENT,
+    FaultServer,
+    jpeg_image,
+    run_download_cli,
+    write_img2dataset_shards,
+)
 
 from clip_train.data.shards import ShardError, count_samples, expand_urls
 from data_pipelines.download import DownloadConfig, FetchConfig, ImageConfig, InputError, run_download
@@ -274,8 +280,11 @@ def test_rerun_of_a_finished_output_does_nothing(fault_run) -> None:
     summary = run_download(config, progress=False, log=lambda _: None)
     assert summary.rows == 0 and summary.total_samples == len(GOOD) and summary.duplicates == 2
     assert before == mtimes()
-    for changed in ({"image": ImageConfig(image_size=64)}, {"rows_per_part": 12}):
-        with pytest.raises(InputError, match="different settings"):
+    for changed, named in (
+        ({"image": ImageConfig(image_size=64)}, "--image-size 32 -> 64"),
+        ({"rows_per_part": 12}, f"--rows-per-part {ROWS_PER_PART} -> 12"),
+    ):
+        with pytest.raises(InputError, match=f"made with other settings: {named}\\. To resume it"):
             run_download(dataclasses.replace(config, **changed), progress=False)
 
 
@@ -363,6 +372,69 @@ def test_bad_input_fails_before_any_work(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["read-only output folder", "inside a read-only folder", "below a file"])
+def test_an_unwritable_output_folder_is_refused_before_any_work(
+    server: FaultServer, tmp_path: Path, where: str
+) -> None:
+    """It used to end in a traceback with exit 1, the code of "parts incomplete, rerun"."""
+    table = write_table(tmp_path / "in.parquet", [server.url("/img/903.jpg")])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if where == "below a file":  # refuses root as well: nothing can be made below a regular file
+        (tmp_path / "file").write_text("not a folder")
+        out = tmp_path / "file" / "out"
+        expected = f"error: output folder {out}: cannot be made, {tmp_path / 'file'} is a file; "
+    elif where == "inside a read-only folder":
+        out = locked / "out"
+        expected = f"error: output folder {out}: cannot create it in {locked} (Permission denied); "
+    else:
+        out = locked
+        expected = f"error: output folder {out}: cannot write into {locked} (Permission denied); "
+    locked.chmod(0o555)
+    try:
+        result = run_download_cli([str(table), str(out), "--no-progress", "--allow-private-addresses"])
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 2 and server.hits["/img/903.jpg"] == 0
+    assert result.stderr.startswith(expected) and result.stderr.count("\n") == 1  # one line
+    assert result.stderr.endswith("give another output folder\n")
+    assert list(locked.iterdir()) == []
+
+
+def test_an_output_made_read_only_is_refused_only_when_there_is_work(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """A finished output made read-only (to protect it) still reports on a rerun, as it did; one with a
+    part left to download is refused before any download, naming the folder the parts go to, instead of
+    failing at the part's write with a traceback."""
+    table = write_table(tmp_path / "in.parquet", [server.url(f"/img/{i}.jpg") for i in (904, 905)])
+    out = tmp_path / "out"
+    args = [str(table), str(out), "--no-progress", "--allow-private-addresses", "--rows-per-part", "1"]
+    assert cli_main(args) == 0
+    folders = [out, out / "_parts", out / "_plan"]
+    for folder in folders:
+        folder.chmod(0o555)
+    try:
+        finished = run_download_cli(args)
+        # Only the parts' folder stays read-only, as if killed before part 1's stats were written.
+        out.chmod(0o755)
+        (out / "_parts").chmod(0o755)
+        (out / "_parts" / "part-000001.stats.json").unlink()
+        (out / "_parts").chmod(0o555)
+        hits = dict(server.hits)
+        unfinished = run_download_cli(args)
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    assert finished.returncode == 0, finished.stderr
+    assert "2 samples in 1 shard(s)" in finished.stdout
+    assert unfinished.returncode == 2 and dict(server.hits) == hits
+    assert unfinished.stderr == (
+        f"error: output folder {out}: cannot write into {out / '_parts'} (Permission denied); make it "
+        "writable or give another output folder\n"
+    )
+
+
 def test_an_input_without_rows_is_refused_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -391,12 +463,21 @@ def test_column_options_share_the_spelling_of_extract(spelling: tuple[str, str])
         ("--concurrency", "0", "concurrency (--concurrency) must be at least 1, got 0"),
         ("--concurrency", "-3", "concurrency (--concurrency) must be at least 1, got -3"),
         ("--per-host", "0", "per_host (--per-host) must be at least 1, got 0"),
+        ("--connect-timeout", "0", "connect_timeout (--connect-timeout) must be above 0 seconds, got 0.0"),
+        ("--read-timeout", "-1", "read_timeout (--read-timeout) must be above 0 seconds, got -1.0"),
+        ("--total-timeout", "nan", "total_timeout (--total-timeout) must be above 0 seconds, got nan"),
+        ("--retries", "-1", "retries (--retries) must be at least 0, got -1"),
+        ("--backoff", "-0.5", "backoff (--backoff) must be at least 0, got -0.5"),
+        ("--max-redirects", "-1", "max_redirects (--max-redirects) must be at least 0, got -1"),
+        ("--max-bytes", "0", "max_bytes (--max-bytes) must be at least 1, got 0"),
     ],
 )
-def test_network_limits_below_one_are_refused_at_once(
+def test_network_limits_out_of_range_are_refused_at_once(
     server: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str, message: str
 ) -> None:
-    """--concurrency 0 used to hang for ever and --per-host 0 to mean no limit at all."""
+    """Bad settings, so exit 2 before any work. --concurrency 0 used to hang for ever and --per-host 0 to
+    mean no limit at all; the timeouts, --max-redirects and --max-bytes out of range failed every row,
+    which ended in exit 1 as if every server had failed; negative --retries or --backoff passed."""
     # Refused at once, not after a download: the loopback URL (allowed) is never fetched.
     table = write_table(tmp_path / "in.parquet", [server.url("/img/901.jpg")])
     out = tmp_path / "out"

@@ -10,6 +10,7 @@ from data_pipelines.download.fetch import DEFAULT_USER_AGENT, FetchConfig
 from data_pipelines.download.images import ENCODE_FORMATS, RESAMPLE_FILTERS, RESIZE_MODES, ImageConfig
 from data_pipelines.download.plan import InputError
 from data_pipelines.download.runner import DownloadConfig, run_download
+from data_pipelines.download.shard_writer import WriteError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,9 +190,14 @@ def main(argv: list[str] | None = None) -> int:
             submitit_options["slurm_partition"] = args.slurm_partition
     try:
         summary = run_download(config, progress=not args.no_progress, submitit_options=submitit_options)
-    except InputError as e:
+    except InputError as e:  # bad input, output folder or settings, found before any work
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:
+        # A disk problem during the run (full, permissions changed): what was written stays valid, so
+        # this is an unfinished run like exit 1 below, resumed by the same command once the disk is fixed.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.status_counts.items(), key=lambda kv: -kv[1]))
     if counts:
         print(f"statuses over the whole output: {counts}")

@@ -97,6 +97,27 @@ class FetchConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} ({flag}) must be at least 1, got {value}")
+        # The limits below would otherwise fail every row (a timeout of 0 s or less times out at once,
+        # --max-bytes 0 refuses every body, a negative --max-redirects follows no response at all) and
+        # the run would end as if every server had failed, or quietly mean something else (negative
+        # retries or back-off). Each check is negated so that NaN fails too.
+        for name, flag in (
+            ("connect_timeout", "--connect-timeout"),
+            ("read_timeout", "--read-timeout"),
+            ("total_timeout", "--total-timeout"),
+        ):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} ({flag}) must be above 0 seconds, got {value}")
+        for name, flag, least in (
+            ("retries", "--retries", 0),
+            ("backoff", "--backoff", 0),
+            ("max_redirects", "--max-redirects", 0),
+            ("max_bytes", "--max-bytes", 1),
+        ):
+            value = getattr(self, name)
+            if not value >= least:
+                raise ValueError(f"{name} ({flag}) must be at least {least}, got {value}")
 
     @property
     def robots_token(self) -> str:

@@ -49,6 +49,7 @@ from data_pipelines.download.shard_writer import (
     write_files,
     write_json,
     write_manifest,
+    writing,
 )
 
 DUPLICATE = "duplicate"
@@ -103,6 +104,12 @@ def _current_manifest(plan: Plan, size: int, digest: str) -> dict | None:
     if manifest.get("num_shards") != n or any(read_stats(out, shard_stem(i)) is None for i in range(n)):
         return None
     return manifest
+
+
+def is_packed(plan: Plan, samples_per_shard: int) -> bool:
+    """Whether the final shards are already packed from the current parts with this shard size (every
+    part must be complete): `pack` would then write nothing."""
+    return _current_manifest(plan, samples_per_shard, part_digests(plan)[-1]) is not None
 
 
 def _drop_duplicates(plan: Plan, rows: pa.Table, seen: dict[str, int]) -> pa.Table:
@@ -289,10 +296,25 @@ def _remove_shards_from(out: Path, first: int) -> None:
 def _withdraw_manifest(plan: Plan) -> None:
     """Remove manifest.json and packed.json (and temporaries of killed writers) before final files change."""
     out = Path(plan.out_dir)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    (plan.parts_dir / PACKED_NAME).unlink(missing_ok=True)
-    for stale in [*out.glob(f".{SHARD_PREFIX}-*.tmp"), *out.glob(f".{MANIFEST_NAME}.*.tmp")]:
-        stale.unlink(missing_ok=True)
+    for path in [
+        out / MANIFEST_NAME,
+        plan.parts_dir / PACKED_NAME,
+        *out.glob(f".{SHARD_PREFIX}-*.tmp"),
+        *out.glob(f".{MANIFEST_NAME}.*.tmp"),
+    ]:
+        with writing(path):
+            path.unlink(missing_ok=True)
+
+
+def final_files_exist(plan: Plan) -> bool:
+    """Whether the output holds a manifest, packed.json or any final shard file (what clear_final_shards
+    removes)."""
+    out = Path(plan.out_dir)
+    return (
+        (out / MANIFEST_NAME).exists()
+        or (plan.parts_dir / PACKED_NAME).exists()
+        or any(_SHARD_FILE.match(p.name) for p in out.iterdir())
+    )
 
 
 def clear_final_shards(plan: Plan) -> None:
@@ -372,4 +394,5 @@ def delete_parts(plan: Plan) -> None:
     for i in range(plan.num_parts):
         remove_files(plan.parts_dir, plan.part_stem(i))
     for stale in plan.parts_dir.glob(".part-*.tmp"):
-        stale.unlink(missing_ok=True)
+        with writing(stale):
+            stale.unlink(missing_ok=True)

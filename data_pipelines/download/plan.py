@@ -8,7 +8,8 @@ packed from the parts afterwards: pack.py.)
 
 The plan (`_plan/plan.json`) and a copy of the rows (`_plan/rows.parquet`, only the columns we use) are
 written once, before any download. A rerun checks that the input and every setting that changes part
-bytes are the same, then finds the work left: parts whose stats file (the commit marker) is missing.
+bytes are the same (naming each one that changed), then finds the work left: parts whose stats file (the
+commit marker) is missing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from data_pipelines.download.shard_writer import PART_PREFIX, file_paths, file_stem, read_stats
+from data_pipelines.download.shard_writer import PART_PREFIX, file_paths, file_stem, read_stats, writing
 
 # Columns of the balanced candidate table (part 1) that are carried into each sample's JSON when present.
 OPTIONAL_COLUMNS = ("query", "matched_queries", "source")
@@ -39,7 +41,36 @@ _LAUNCHER_TEMPS = (f"{PLAN_DIR}/.rows.*.tmp", f"{PLAN_DIR}/.plan.*.tmp", f"{PART
 
 
 class InputError(ValueError):
-    """The input table cannot be used as given; the message says what to fix."""
+    """The input table, the output folder or the settings cannot be used as given (found before any work);
+    the message says what to fix."""
+
+
+def check_writable(folder: Path, output: Path) -> None:
+    """Raise InputError unless entries can be made in `folder`, a folder of the output folder `output`
+    (or `output` itself), or, when it does not exist yet, it can be created.
+
+    Tried for real, with a folder made and removed at once: the permission bits alone do not say it
+    (root ignores them, a read-only mount or an immutable folder refuses whatever they say). Nothing is
+    left behind, so an output folder that does not exist yet still does not after the check.
+    """
+    existing = folder
+    while not os.path.exists(existing):  # os.path: False, not an error, below a folder we may not read
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        raise InputError(
+            f"output folder {output}: cannot be made, {existing} is a file; give another output folder"
+        )
+    probe = existing / f".write-check.{os.getpid()}.tmp"
+    try:
+        probe.mkdir(exist_ok=True)
+        probe.rmdir()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if existing in output.parents:  # the output folder does not exist yet
+            problem = f"cannot create it in {existing} ({reason}); make {existing} writable"
+        else:
+            problem = f"cannot write into {existing} ({reason}); make it writable"
+        raise InputError(f"output folder {output}: {problem} or give another output folder") from e
 
 
 def _input_files(path: Path) -> tuple[list[Path], str]:
@@ -192,6 +223,68 @@ class Plan:
         ]
 
 
+_NOT_RECORDED = object()  # a setting that the existing plan does not hold (a newer option)
+
+
+def _flat(settings: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    """{"image": {"image_size": 24}} -> {"image.image_size": 24}."""
+    flat: dict[str, object] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(value: object) -> str:
+    """A setting's value as it would be typed after its option."""
+    if value is _NOT_RECORDED:
+        return "(not recorded)"
+    if isinstance(value, str):
+        return value if value and not any(c.isspace() for c in value) else repr(value)
+    return str(value)
+
+
+def _rerun_refusal(old: dict, plan: Plan, setting_names: Mapping[str, str]) -> str | None:
+    """Why a rerun cannot resume the download that `old` (the plan.json there) describes: the input or
+    each setting that changed, old value -> new, and how to go on; None when it can resume."""
+    found, same, new = [], [], []
+    old_rows, old_input = old.get("num_rows"), old.get("input")
+    if (old_rows, old.get("fingerprint")) != (plan.num_rows, plan.fingerprint):
+        if old_rows != plan.num_rows:
+            found.append(
+                f"of another input: {old_input} had {old_rows} rows, {plan.input} has {plan.num_rows}"
+            )
+        else:
+            found.append(
+                f"of another input: {plan.input} has other URLs than {old_input} had in its {old_rows} rows"
+            )
+        same.append("the input it was made from")
+        new.append("input")
+    before = _flat({"rows_per_part": old.get("rows_per_part"), **old.get("settings", {})})
+    now = _flat({"rows_per_part": plan.rows_per_part, **plan.settings})
+    changed = [
+        (setting_names.get(key, key), before.get(key, _NOT_RECORDED), now.get(key, _NOT_RECORDED))
+        for key in [*now, *(k for k in before if k not in now)]
+        if before.get(key, _NOT_RECORDED) != now.get(key, _NOT_RECORDED)
+    ]
+    if changed:
+        found.append(
+            "made with other settings: " + ", ".join(f"{n} {_shown(a)} -> {_shown(b)}" for n, a, b in changed)
+        )
+        typed = " ".join(f"{n} {_shown(a)}" for n, a, _ in changed if a is not _NOT_RECORDED)
+        same.append(f"the settings it was made with ({typed})" if typed else "the settings it was made with")
+        new.append("settings")
+    if not found:
+        return None
+    return (
+        f"{plan.out_dir} already holds a download {'; and '.join(found)}. To resume it, rerun with "
+        f"{' and '.join(same)}; to download with the new {' and '.join(new)}, use a new output folder "
+        f"(or remove {plan.out_dir} first)"
+    )
+
+
 def make_plan(
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -200,10 +293,23 @@ def make_plan(
     text_col: str = "text",
     rows_per_part: int = 10_000,
     settings: dict | None = None,
+    setting_names: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Read the input, then create the plan in out_dir or check it against the one already there."""
+    """Read the input, then create the plan in out_dir or check it against the one already there.
+
+    setting_names: how the user sets each setting (an option such as "--image-size"), by its key:
+    "rows_per_part", or a key of `settings` (nested keys joined with dots, "image.image_size"); a rerun
+    refused for a changed setting names it so. A key without a name is shown as it is.
+    """
     if rows_per_part < 1:
         raise InputError(f"rows_per_part must be >= 1, got {rows_per_part}")
+    out = Path(out_dir)
+    plan_path = out / PLAN_DIR / "plan.json"
+    if not plan_path.is_file() or not (out / PLAN_DIR / "rows.parquet").is_file():
+        # The plan is about to be written: refuse an unwritable output now, before reading the input
+        # (which can take minutes), rather than with a traceback from the first mkdir. (The run checks
+        # the folders that the parts and shards go to once it knows that it will write any.)
+        check_writable(out / PLAN_DIR, out)
     table = read_input(input_path, url_col, text_col)
     if table.num_rows == 0:
         # Refused before the output folder is made: an empty table would only give an output without a
@@ -212,10 +318,10 @@ def make_plan(
             f"input {input_path} has no rows, so there is nothing to download; check the path (a folder is "
             "read whole) and the step that wrote the table"
         )
-    out = Path(out_dir)
     # Left by a launcher killed while writing them; no other process is at work on `out` yet.
     for stale in [p for pattern in _LAUNCHER_TEMPS for p in out.glob(pattern)]:
-        stale.unlink(missing_ok=True)
+        with writing(stale):
+            stale.unlink(missing_ok=True)
     plan = Plan(
         out_dir=str(out),
         input=str(Path(input_path).resolve()),
@@ -224,30 +330,24 @@ def make_plan(
         fingerprint=_fingerprint(table),
         settings=json.loads(json.dumps(settings or {})),
     )
-    plan_path = out / PLAN_DIR / "plan.json"
     if plan_path.is_file():
-        old = json.loads(plan_path.read_text())
-        differs = [
-            k
-            for k in ("num_rows", "rows_per_part", "fingerprint", "settings")
-            if old.get(k) != asdict(plan)[k]
-        ]
-        if differs:
-            raise InputError(
-                f"{out} already holds a download of a different input or with different settings "
-                f"({', '.join(differs)} changed): resume needs the same input and settings; use a new "
-                "output folder for a new download."
-            )
+        refusal = _rerun_refusal(json.loads(plan_path.read_text()), plan, setting_names or {})
+        if refusal:
+            raise InputError(refusal)
         if plan.rows_path.is_file():
-            plan.parts_dir.mkdir(exist_ok=True)
+            with writing(plan.parts_dir):
+                plan.parts_dir.mkdir(exist_ok=True)
             return plan
-    (out / PLAN_DIR).mkdir(parents=True, exist_ok=True)
-    plan.parts_dir.mkdir(exist_ok=True)
+    with writing(plan.parts_dir):
+        (out / PLAN_DIR).mkdir(parents=True, exist_ok=True)
+        plan.parts_dir.mkdir(exist_ok=True)
     rows = table.add_column(0, "row", pa.array(range(table.num_rows), pa.int64()))
-    tmp = plan.rows_path.with_name(f".rows.{os.getpid()}.tmp")
-    pq.write_table(rows, tmp, row_group_size=max(1, min(rows_per_part, 100_000)))
-    os.replace(tmp, plan.rows_path)
-    tmp = plan_path.with_name(f".plan.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(plan), indent=1))
-    os.replace(tmp, plan_path)
+    with writing(plan.rows_path):
+        tmp = plan.rows_path.with_name(f".rows.{os.getpid()}.tmp")
+        pq.write_table(rows, tmp, row_group_size=max(1, min(rows_per_part, 100_000)))
+        os.replace(tmp, plan.rows_path)
+    with writing(plan_path):
+        tmp = plan_path.with_name(f".plan.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(plan), indent=1))
+        os.replace(tmp, plan_path)
     return plan

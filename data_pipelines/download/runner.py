@@ -64,12 +64,20 @@ from data_pipelines.download.images import (
     ProcessedImage,
     process_image,
 )
-from data_pipelines.download.pack import clear_final_shards, delete_parts, pack, read_packed
-from data_pipelines.download.plan import InputError, Plan, make_plan
+from data_pipelines.download.pack import (
+    clear_final_shards,
+    delete_parts,
+    final_files_exist,
+    is_packed,
+    pack,
+    read_packed,
+)
+from data_pipelines.download.plan import InputError, Plan, check_writable, make_plan
 from data_pipelines.download.shard_writer import (
     MANIFEST_NAME,
     SHARD_PREFIX,
     Sample,
+    WriteError,
     read_samples,
     total_status_counts,
     write_part,
@@ -194,6 +202,26 @@ def content_settings(config: DownloadConfig) -> dict:
     return {"url_col": config.url_col, "text_col": config.text_col, "image": asdict(config.image)}
 
 
+# The command-line option of each setting that a resume must keep (content_settings' keys, nested ones
+# joined with dots, and the plan's rows_per_part), so that a refused rerun names what to type.
+# border_color has no option (Python API only) and is named as it is. test_download_resume checks that
+# every setting has an entry.
+SETTING_OPTIONS = {
+    "rows_per_part": "--rows-per-part",
+    "url_col": "--url-column",
+    "text_col": "--text-column",
+    "image.image_size": "--image-size",
+    "image.resize_mode": "--resize-mode",
+    "image.encode_format": "--format",
+    "image.quality": "--quality",
+    "image.min_size": "--min-size",
+    "image.max_aspect_ratio": "--max-aspect-ratio",
+    "image.max_pixels": "--max-pixels",
+    "image.border_color": "ImageConfig.border_color",
+    "image.resample": "--resample",
+}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One process
 
@@ -272,7 +300,17 @@ class _PartWorker:
                     for job in jobs:  # the iterator is shared: each lane takes the next job
                         written.append(await self._part(job))
 
-                await asyncio.gather(*(lane() for _ in range(max(1, c.parts_in_flight))))
+                lanes = [asyncio.ensure_future(lane()) for _ in range(max(1, c.parts_in_flight))]
+                try:
+                    await asyncio.gather(*lanes)
+                except BaseException:
+                    # One lane failed (a write error, say): stop the others while the session is still
+                    # open. Left running, their requests would fail as the session closes and their part
+                    # be written with every row an `error`, as if those rows had been tried.
+                    for task in lanes:
+                        task.cancel()
+                    await asyncio.gather(*lanes, return_exceptions=True)
+                    raise
         finally:
             self.pool.shutdown(wait=True)
         return written
@@ -475,6 +513,9 @@ def _worker_main(
         stats = run_jobs(config, plan, next_jobs(), progress, before_write=exit_if_orphaned)
         queue.put(("progress", pending[0], pending[1]))
         queue.put(("done", len(stats), None))
+    except WriteError as e:
+        # Its one line, not a traceback: the launcher raises it again once the other workers are done.
+        queue.put(("write_error", 0, str(e)))
     except BaseException:
         queue.put(("error", 0, traceback.format_exc()))
         raise
@@ -526,6 +567,7 @@ def _run_local(config: DownloadConfig, plan: Plan, jobs: list[PartJob], bar: _Ba
     for p in procs:
         p.start()
     errors: list[str] = []
+    write_errors: list[str] = []
     finished = 0
     while finished < len(procs):
         try:
@@ -541,8 +583,12 @@ def _run_local(config: DownloadConfig, plan: Plan, jobs: list[PartJob], bar: _Ba
             finished += 1
             if kind == "error":
                 errors.append(str(b))
+            elif kind == "write_error":
+                write_errors.append(str(b))
     for p in procs:
         p.join(timeout=10)
+    if write_errors:  # as in one process: the run stops with the disk's error (the first, if several)
+        raise WriteError(None, write_errors[0])
     return errors
 
 
@@ -724,10 +770,12 @@ def _finished_without_parts(config: DownloadConfig, plan: Plan, packed: dict, st
             "cannot be retried; download into a new output folder (without --delete-parts) to retry"
         )
     if config.samples_per_shard != packed["samples_per_shard"]:
+        old, new = packed["samples_per_shard"], config.samples_per_shard
         raise InputError(
-            f"the parts of {plan.out_dir} were deleted after packing (--delete-parts), so it cannot be "
-            f"repacked with {config.samples_per_shard} samples per shard (it has "
-            f"{packed['samples_per_shard']}); download into a new output folder"
+            f"--samples-per-shard {old} -> {new}: the parts of {plan.out_dir} were deleted after packing "
+            f"(--delete-parts), so it cannot be repacked with {new} samples per shard. It is finished with "
+            f"{old}: rerun with --samples-per-shard {old} to see its summary, or download into a new output "
+            "folder for the new size"
         )
     delete_parts(plan)  # finishes a deletion that a kill interrupted
     try:
@@ -756,6 +804,17 @@ def _all_part_stats(plan: Plan) -> list[dict]:
     return all_stats
 
 
+def _writes_ahead(config: DownloadConfig, plan: Plan, jobs: list[PartJob]) -> bool:
+    """Whether this run will change the output: parts to download, a pack to (re)do, parts to delete, or
+    an older version's empty shard to remove. A finished output is only read, so the same command on one
+    made read-only (to protect it) still reports on it."""
+    if jobs:
+        return True
+    if not any(stats["successes"] for stats in _all_part_stats(plan)):  # no image: nothing is packed
+        return final_files_exist(plan)
+    return config.delete_parts or not is_packed(plan, config.samples_per_shard)
+
+
 def run_download(
     config: DownloadConfig,
     *,
@@ -775,11 +834,20 @@ def run_download(
         text_col=config.text_col,
         rows_per_part=config.rows_per_part,
         settings=content_settings(config),
+        setting_names=SETTING_OPTIONS,
     )
     packed = read_packed(plan)
     if packed is not None and packed.get("parts_deleted"):
         return _finished_without_parts(config, plan, packed, start)
     jobs = plan_jobs(config, plan)
+    if _writes_ahead(config, plan, jobs):
+        for folder in (Path(plan.out_dir), plan.parts_dir):
+            check_writable(folder, Path(plan.out_dir))
+    if packed is not None and packed.get("samples_per_shard") != config.samples_per_shard:
+        log(
+            f"--samples-per-shard {packed.get('samples_per_shard')} -> {config.samples_per_shard}: the "
+            "shards are repacked from the parts once every part is complete (no image fetched again for it)"
+        )
     total_rows = sum(_job_rows(plan, j) for j in jobs)
     done_before = plan.num_parts - len(plan.pending_parts())
     how = "a SLURM array via submitit" if submitit_options else f"{max(1, config.processes)} process(es)"

@@ -10,19 +10,22 @@ phase in pack.py). Layout of an output folder (the contract with clip_train.data
     manifest.json              {"shards": [{"name", "num_samples"}...], "num_samples": total, ...}
 
 Every file is written under a hidden temporary name in the same folder, flushed, fsync'ed and renamed,
-so a kill at any moment leaves either the complete file or none under the final name. Tar headers carry a
-fixed mtime and owner, so the same samples always give the same bytes.
+so a kill at any moment leaves either the complete file or none under the final name. A write that fails
+(disk full, permissions changed) removes its temporary and raises WriteError, which names the file: the
+same holds then. Tar headers carry a fixed mtime and owner, so the same samples always give the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -85,17 +88,72 @@ def shard_paths(out_dir: Path, index: int) -> tuple[Path, Path, Path]:
     return file_paths(out_dir, shard_stem(index))
 
 
+class WriteError(OSError):
+    """A file of the output could not be written or removed (disk full, permissions changed during the run).
+
+    The message is one line: the file, the system's reason and what to do. Whatever was written before
+    stays valid (no truncated file carries a final name), so the same command resumes once the disk is
+    fixed. `errno` is the system's error number when there is one.
+    """
+
+    def __init__(self, number: int | None, message: str) -> None:
+        super().__init__(number, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        # OSError's own form, "[Errno 28] ...", would repeat the reason the message already gives.
+        return self.message
+
+
+# What to do about the commonest reasons a write fails, by errno; anything else: "fix the cause".
+_REMEDIES = {
+    errno.ENOSPC: "free space on it",
+    errno.EDQUOT: "free space within your quota there (or have it raised)",
+    errno.EFBIG: "raise the file size limit (ulimit -f) or write to a file system that allows larger files",
+    errno.EACCES: "make the folder writable again",
+    errno.EPERM: "make the folder writable again",
+    errno.EROFS: "make the file system writable again",
+}
+
+
+def _mount_point(path: Path) -> Path:
+    """The mount point of the file system holding `path` (which need not exist yet)."""
+    path = path.absolute()
+    while not path.exists() or (not os.path.ismount(path) and path != path.parent):
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OSError raised inside the block into a WriteError that names `path` and its disk."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(
+            e.errno,
+            f"cannot write {path} (on the file system mounted at {_mount_point(path)}): "
+            f"{e.strerror or e}; the files finished before are intact: "
+            f"{_REMEDIES.get(e.errno, 'fix the cause')}, then rerun the same command to resume",
+        ) from e
+
+
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            # Best effort: after a failed write the folder may refuse this too, and the original error
+            # is the one to report (a later writer of this file removes the temporary anyway).
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -157,10 +215,12 @@ def write_files(
     tar_path, parquet_path, stats_path = file_paths(folder, stem)
     # A rewrite (retry, repack) first withdraws the old commit marker: killed part-way, the set is then
     # incomplete and redone, never old stats beside a new tar.
-    stats_path.unlink(missing_ok=True)
+    with writing(stats_path):
+        stats_path.unlink(missing_ok=True)
     # Temporary files of an earlier, killed writer of this set (one writer per set at a time).
     for stale in folder.glob(f".{stem}.*.tmp"):
-        stale.unlink(missing_ok=True)
+        with writing(stale):
+            stale.unlink(missing_ok=True)
     _atomic_write(tar_path, write_tar)
     # Serialised in memory first so that its hash can go into the stats: the pack tells a rewritten part
     # from the old one by it (a retry can change reasons without changing any count or size).
@@ -207,7 +267,8 @@ def read_stats(folder: Path, stem: str) -> dict | None:
 def remove_files(folder: Path, stem: str) -> None:
     """Remove the file set `stem`, the stats file (the commit marker) first."""
     for path in reversed(file_paths(folder, stem)):
-        path.unlink(missing_ok=True)
+        with writing(path):
+            path.unlink(missing_ok=True)
 
 
 def read_samples(tar_path: Path) -> dict[str, Sample]:
