@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -106,6 +107,22 @@ def write_img2dataset_shards(
         if stats:
             (root / f"{s:05d}_stats.json").write_text(json.dumps({"count": count, "successes": count}))
     return str(root / f"{{00000..{len(counts) - 1:05d}}}.tar")
+
+
+def cut_short(tar: Path, key: str, inside: str = "data") -> None:
+    """Truncate `tar` inside the first member of sample `key`, as a download or copy cut short would: in
+    its "data" (tarfile then raises) or in its "header" (tarfile then ends the archive without a word).
+    The samples before `key` stay whole."""
+    with tarfile.open(tar) as archive:
+        member = next(m for m in archive if m.name.split(".")[0] == key)
+    cut = member.offset + 100 if inside == "header" else member.offset_data + member.size // 2
+    tar.write_bytes(tar.read_bytes()[:cut])
+
+
+def tar_keys(tar: Path) -> list[str]:
+    """The sample keys of a tar, in order."""
+    with tarfile.open(tar) as archive:
+        return list(dict.fromkeys(m.name.split(".")[0] for m in archive))
 
 
 class ToyTokenizer:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from data_support import ToyTokenizer, write_crawler_shards, write_img2dataset_shards
+from data_support import ToyTokenizer, cut_short, tar_keys, write_crawler_shards, write_img2dataset_shards
 
 from clip_train.data import ShardError, WebDatasetDataModule
 
@@ -91,6 +91,89 @@ def test_a_truncated_shard_is_warned_about_and_the_epoch_keeps_its_length(tmp_pa
     assert len(epoch) == dm.batches_per_epoch == 8  # the reader refills from its other shards
     keys = {k for batch in epoch for k in batch}
     assert {k for k in keys if k.startswith("0002x")} and "0002x00007" not in keys
+
+
+@pytest.mark.parametrize(
+    ("layout", "inside", "kept"),
+    [("crawler", "data", 4), ("crawler", "header", 4), ("img2dataset", "data", 0)],
+)
+def test_the_samples_a_truncated_shard_lost_are_counted(tmp_path: Path, layout: str, inside: str, kept: int):
+    """A shard cut inside a member's data (tarfile raises) or inside a header (tarfile ends quietly) loses
+    its samples from the cut on; its manifest's or stats' count says how many, and they join the skipped
+    count. The epoch is the intact samples, so each shard is read once per epoch."""
+    write = write_crawler_shards if layout == "crawler" else write_img2dataset_shards
+    pattern = write(tmp_path, [8, 8, 8, 8])
+    damaged = sorted(tmp_path.glob("*.tar"))[2]
+    lost = tar_keys(damaged)[kept:]
+    intact = {k for tar in tmp_path.glob("*.tar") for k in tar_keys(tar)} - set(lost)
+    cut_short(damaged, lost[0], inside)
+    # A cut shard is smaller than its count allows; that is damage, not a manifest of other files.
+    assert _dm(pattern).batches_per_epoch == 8
+    dm = _dm(pattern, train_num_samples=24 + kept)
+    said = (
+        rf"skipping the rest of shard .*{damaged.name}: ReadError: .*; {8 - kept} of its 8 samples skipped"
+        if inside == "data"
+        else rf"shard .*{damaged.name} ended after {kept} of its 8 samples .*; {8 - kept} samples skipped"
+    )
+    with pytest.warns(UserWarning, match=said):
+        keys = [k for batch in _epoch(dm) for k in batch]
+    assert sorted(keys) == sorted(intact) and not set(lost) & set(keys)
+    assert dm.corrupt_samples == 8 - kept
+    with pytest.warns(UserWarning, match=said):
+        _epoch(dm)
+    assert dm.corrupt_samples == 2 * (8 - kept)  # a running count over epochs, like undecodable samples
+
+
+def test_resume_after_a_truncated_shard_counts_its_losses_once(tmp_path: Path) -> None:
+    """A resumed reader replays its shards up to the saved position; the losses it meets again on the way
+    are already in the saved count."""
+    pattern = write_crawler_shards(tmp_path, [8, 8, 8, 8])
+    cut_short(tmp_path / "shard-000002.tar", "0002x00004", inside="header")  # no partial sample to decode
+    kw = {"num_workers": 2, "batch_size": 3, "seed": 3}
+    warnings.simplefilter("ignore", UserWarning)  # pytest restores the filters after the test
+    dm = _dm(pattern, **kw)
+    counts = []
+    for _, _, info in dm.train_dataloader():
+        counts.append((info["keys"], dm.corrupt_samples))
+    assert dm.corrupt_samples > 0
+    stop = next(i for i, (_, count) in enumerate(counts) if count) + 1
+    assert stop < len(counts) == dm.batches_per_epoch
+    first = _dm(pattern, **kw)
+    head = _run(first, stop=stop)
+    assert first.corrupt_samples == counts[stop - 1][1] > 0
+    resumed = _dm(pattern, **kw)
+    resumed.load_state_dict(first.state_dict())
+    tail = _run(resumed)
+    assert [k for k, _ in head + tail] == [k for k, _ in counts]
+    assert resumed.corrupt_samples == dm.corrupt_samples
+
+
+def test_the_trainer_logs_the_samples_a_truncated_shard_lost(tmp_path: Path) -> None:
+    """Through the training program: a folder of img2dataset shards, one cut short, and the logged
+    train/corrupt_samples_skipped holds what it lost."""
+    from hydra import compose, initialize_config_dir
+
+    from clip_train.train import CONFIG_DIR, train
+    from clip_train.training.loggers import read_metrics
+
+    write_img2dataset_shards(tmp_path / "i2d", [8, 8, 8, 8], image_size=40)
+    cut_short(tmp_path / "i2d" / "00002.tar", tar_keys(tmp_path / "i2d" / "00002.tar")[5])
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "data=webdataset", f"data.train_shards={tmp_path / 'i2d'}", "data.num_workers=0",
+                "data.train_num_samples=24", "model=vit_tiny", "global_batch_size=8", "trainer.precision=32",
+                f"paths.run_dir={tmp_path}/run", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+                "logger.0.flush_logs_every_n_steps=1", "~callbacks.progress",
+            ],
+        )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"00002\.tar: ReadError: .*; 3 of its 8 samples skipped"):
+        train(cfg)
+    metrics = read_metrics(tmp_path / "run/logs/metrics.csv")
+    logged = [m for _, m in sorted(metrics.items()) if "train/loss" in m]
+    # The shuffle buffer takes in the whole pass (the damaged shard included) before the first batch.
+    assert [m["train/corrupt_samples_skipped"] for m in logged] == [3.0, 3.0, 3.0]
 
 
 @pytest.mark.timeout(60)  # without the limit the reader would cycle through its shard for ever

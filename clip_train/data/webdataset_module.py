@@ -14,9 +14,11 @@ How an epoch is laid out (the reason every rank gets the same number of batches 
 * Several sources are mixed per sample by weight with a (seed, epoch, reader) generator; a shuffle buffer
   with its own generator shuffles samples (still encoded) within each reader.
 * Decoding happens after the shuffle; a sample whose image or caption does not decode is skipped and
-  counted, and the next one takes its place in the batch. Each batch carries its reader's count of raw
-  samples read so far, so the position survives corrupt samples: to resume, a reader replays its raw
-  stream (tar reads only, no decoding) to that count and carries on with identical batches.
+  counted, and the next one takes its place in the batch. A shard that breaks off (truncated, damaged)
+  is read up to the break; the samples its manifest or stats count promised beyond that are counted as
+  skipped too. Each batch carries its reader's count of raw samples read so far, so the position survives
+  corrupt samples: to resume, a reader replays its raw stream (tar reads only, no decoding) to that count
+  and carries on with identical batches.
 * Random crops use a generator seeded by (seed, epoch, reader, sample number): augmentations resume too.
 
 A batch is `(images, tokens, info)`: images float32 (B, 3, H, W) normalised with CLIP's mean/std, tokens
@@ -27,10 +29,12 @@ int64 (B, context_length), and `info` a dict with "keys" (the samples' `__key__`
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import tarfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -68,6 +72,13 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def default_num_workers() -> int:
+    """Loader workers per rank when none are given: 4, or the CPUs this process may run on if fewer (more
+    workers than those only compete for them, and PyTorch's DataLoader warns about it)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cpus)
+
+
 def _default_tokenizer(context_length: int) -> Tokenizer:
     try:
         from clip_train.tokenizer import Tokenizer as ClipTokenizer
@@ -88,10 +99,15 @@ def _seeded(*parts: object) -> random.Random:
     return random.Random("-".join(str(p) for p in parts))
 
 
-def _read_shard(url: str) -> Iterator[dict[str, Any]]:
+def _read_shard(url: str, expected: int | None = None) -> Generator[dict[str, Any], None, int]:
     """Samples ({"__key__", "__url__", ext: bytes}) of one tar, members grouped by key as WebDataset does
-    (key = path up to the first dot of the file name). A damaged tar is warned about and cut short."""
+    (key = path up to the first dot of the file name).
+
+    A damaged tar is read up to the break and warned about; the sample being read when it broke is dropped
+    (its members may be cut). Returns how many of the `expected` samples (the manifest's or stats' count;
+    None: unknown) were not yielded, so that the caller can count them as skipped."""
     sample: dict[str, Any] = {}
+    yielded = 0
     try:
         with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -103,15 +119,34 @@ def _read_shard(url: str) -> Iterator[dict[str, Any]]:
                     continue
                 key = f"{directory}/{stem}" if directory else stem
                 if sample and sample["__key__"] != key:
+                    yielded += 1
                     yield sample
                     sample = {}
                 if not sample:
                     sample = {"__key__": key, "__url__": url}
                 sample[ext.lower()] = tar.extractfile(member).read()
     except Exception as e:  # a truncated or unreadable tar must not kill the epoch
-        warnings.warn(f"skipping the rest of shard {url}: {type(e).__name__}: {e}", stacklevel=2)
+        lost = max(0, expected - yielded) if expected is not None else 0
+        counted = (
+            f"{lost} of its {expected} samples skipped"
+            if expected is not None
+            else f"{yielded} samples read before the break (how many it held is unknown, so the rest are "
+            "not counted)"
+        )
+        warnings.warn(f"skipping the rest of shard {url}: {type(e).__name__}: {e}; {counted}", stacklevel=2)
+        return lost
     if sample:
+        yielded += 1
         yield sample
+    # tarfile ends a stream quietly when it is cut inside a member's header: only the count tells.
+    if expected is not None and yielded < expected:
+        warnings.warn(
+            f"shard {url} ended after {yielded} of its {expected} samples (cut short?); "
+            f"{expected - yielded} samples skipped",
+            stacklevel=2,
+        )
+        return expected - yielded
+    return 0
 
 
 def _decode_sample(sample: dict[str, Any], transform, decode_size: int, rng: random.Random):
@@ -142,6 +177,35 @@ def _worker_context(method: str | None) -> multiprocessing.context.BaseContext |
     if method == "forkserver":
         context.set_forkserver_preload([__name__])
     return context
+
+
+@dataclass
+class _Losses:
+    """Samples that damaged shards lost in one reader's stream: they never reach the decoder, so they
+    are counted where the shards are read."""
+
+    count: int = 0
+
+
+def _no_full_batch(num_samples: int, batch_size: int, world_size: int) -> str:
+    """The message for an epoch too small for one global batch. The training config sets the batch as
+    global_batch_size (this module's batch_size is its share per rank), so the fix is named in its terms."""
+    global_batch = batch_size * world_size
+    problem = (
+        f"an epoch of {num_samples} samples holds no full global batch of {global_batch} samples "
+        f"(global_batch_size; {batch_size} per rank x {world_size} rank(s)): "
+    )
+    if num_samples == 0:
+        return problem + "the shards are empty or their manifest says 0 samples; check the crawl output."
+    fits = num_samples // world_size * world_size  # the largest global batch that divides over the ranks
+    if fits == 0:
+        return problem + f"{world_size} ranks need one sample each at least; add data (train_num_samples)."
+    shares = (
+        f", a multiple of {world_size} (per rank, batch_size {fits // world_size} or less)"
+        if world_size > 1
+        else ""
+    )
+    return problem + f"lower global_batch_size to {fits} or less{shares}, or add data (train_num_samples)."
 
 
 def _quota(total: int, workers: int, worker: int) -> int:
@@ -185,7 +249,15 @@ class _TrainStream(IterableDataset):
         self.start_samples_read = start_samples_read
         self.start_corrupt = start_corrupt
 
-    def _source_stream(self, s: int, source: ShardSource, reader: int) -> Iterator[dict]:
+    @staticmethod
+    def _shard(url: str, source: ShardSource, losses: _Losses) -> Iterator[dict]:
+        """The samples of one shard; the ones it was counted to hold but did not give go to `losses`."""
+        # Not `losses.count += yield from ...`: that reads the count before the shard and writes it back
+        # after, undoing a reset made meanwhile (the resume replay's).
+        lost = yield from _read_shard(url, source.shard_counts.get(url))
+        losses.count += lost
+
+    def _source_stream(self, s: int, source: ShardSource, reader: int, losses: _Losses) -> Iterator[dict]:
         """Endless samples of source s for this reader within this epoch."""
         readers = self.world_size * self.workers
         if self.resampled:
@@ -193,7 +265,7 @@ class _TrainStream(IterableDataset):
             empty_in_a_row = 0
             while True:
                 got = 0
-                for sample in _read_shard(rng.choice(source.urls)):
+                for sample in self._shard(rng.choice(source.urls), source, losses):
                     got += 1
                     yield sample
                 empty_in_a_row = 0 if got else empty_in_a_row + 1
@@ -206,7 +278,7 @@ class _TrainStream(IterableDataset):
         while True:
             got = 0
             for url in mine:
-                for sample in _read_shard(url):
+                for sample in self._shard(url, source, losses):
                     got += 1
                     yield sample
             if not got:
@@ -219,9 +291,9 @@ class _TrainStream(IterableDataset):
             mine = list(mine)
             _seeded("recycle", self.seed, self.epoch, s, reader, cycle).shuffle(mine)
 
-    def _raw_stream(self, reader: int) -> Iterator[dict]:
-        """Endless, shuffled, still-encoded samples of this reader."""
-        streams = [self._source_stream(s, src, reader) for s, src in enumerate(self.sources)]
+    def _raw_stream(self, reader: int, losses: _Losses) -> Iterator[dict]:
+        """Endless, shuffled, still-encoded samples of this reader; lost samples are added to `losses`."""
+        streams = [self._source_stream(s, src, reader, losses) for s, src in enumerate(self.sources)]
         mixed = streams[0] if len(streams) == 1 else self._mix(streams, reader)
         rng = _seeded("shuffle", self.seed, self.epoch, reader)
         size = max(1, self.shuffle_buffer)
@@ -266,9 +338,13 @@ class _TrainStream(IterableDataset):
             skip, corrupt = self.start_samples_read[worker], self.start_corrupt[worker]
         else:  # position known only in batches (resumed on another layout): approximate by batches.
             skip, corrupt = done * self.batch_size, 0
-        stream = self._raw_stream(reader)
+        losses = _Losses()
+        stream = self._raw_stream(reader, losses)
         for _ in range(skip):
             next(stream)
+        # The replay reads the same shards as the run that saved the position, and that run's count (in
+        # `corrupt`) already holds the samples they lost up to here.
+        losses.count = 0
         read = skip
         decode_size = self.transform.decode_size
         for j in range(done, quota):
@@ -304,7 +380,7 @@ class _TrainStream(IterableDataset):
                 "index": worker + j * W,
                 "worker": worker,
                 "samples_read": read,
-                "corrupt": corrupt,
+                "corrupt": corrupt + losses.count,
             }
             yield normalize_batch(pixels, out=batch), tokens, batch_info
 
@@ -363,9 +439,13 @@ class _EpochLoader:
 class WebDatasetDataModule(pl.LightningDataModule):
     """CLIP training data from WebDataset shards (our crawler's layout or img2dataset's).
 
-    train_shards: a brace pattern ("data/shard-{000000..000099}.tar"), a list of them, or a list of
+    train_shards: a brace pattern ("data/shard-{000000..000099}.tar"), a folder of shards (the ones its
+        manifest.json lists, else all its *.tar, as img2dataset writes them), a list of these, or a list of
         {"urls": pattern, "weight": w} dicts to mix sources by weight (per sample).
     batch_size: per rank. image_size: crop side in pixels. context_length: tokens per caption.
+    num_workers: loader worker processes per rank (0: in the main process); None: `default_num_workers()`.
+        The sample order depends on it (see the module docstring): give it explicitly for runs that must
+        match across machines with different CPU counts.
     tokenizer: callable list[str] -> LongTensor (B, context_length); None builds clip_train's CLIP tokenizer.
     train_num_samples: samples per epoch; None reads the shards' manifest.json (or img2dataset *_stats.json).
     seed: shuffling, mixing, resampling and augmentation all derive from (seed, epoch).
@@ -380,7 +460,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
         of a second; "spawn" imports them in every worker of every epoch.
 
     Batches are (images float32 (B, 3, H, W), tokens int64 (B, context_length), info dict with "keys");
-    see the module docstring. `corrupt_samples` is the running count of skipped undecodable samples.
+    see the module docstring. `corrupt_samples` is the running count of skipped samples: undecodable ones
+    and those that damaged shards lost (counted from their manifest or stats count).
     `state_dict()` / `load_state_dict()` hold the data position (epoch, batches consumed, seed, and each
     reader's raw sample count); after loading, the next batches are those an uninterrupted run would have
     produced (same world size and num_workers; otherwise the position is approximated and a warning says so).
@@ -391,7 +472,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         train_shards: str | list[str] | list[dict],
         val_shards: str | list[str] | None = None,
         batch_size: int = 256,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         image_size: int = 224,
         tokenizer: Tokenizer | None = None,
         context_length: int = 77,
@@ -409,6 +490,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers is None:
+            num_workers = default_num_workers()
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if train_num_samples is not None and train_num_samples < 0:
@@ -456,36 +539,35 @@ class WebDatasetDataModule(pl.LightningDataModule):
         for src in self.sources:
             check_readable(src.urls)
         if self.train_num_samples is not None:
-            # count_samples (below) is skipped, but its unfinished-download check must not be: a half-packed
-            # output mixes shards of two packs.
             for src in self.sources:
+                # An unfinished download is refused whatever the epoch size: a half-packed output mixes
+                # shards of two packs.
                 check_finished(src.urls)
+                try:
+                    # Per-shard counts, where there are any, only serve to count what a damaged shard
+                    # loses; a run that states its epoch size does not need them to agree.
+                    src.shard_counts = count_samples(src.urls)[1]
+                except ShardError:
+                    src.shard_counts = {}
             self.num_samples = self.train_num_samples
         else:
             total = 0
             for src in self.sources:
                 n, counts = count_samples(src.urls)
                 if n is None:
+                    unknown = [u for u in src.urls if u not in counts]
                     raise ShardError(
-                        f"cannot tell how many samples {src.name!r} holds: no manifest.json beside the "
-                        "shards and no *_stats.json with 'successes'/'num_samples' for every shard. Pass "
-                        "train_num_samples=<samples per epoch>."
+                        f"cannot tell how many samples {src.name!r} holds: {len(unknown)} of its "
+                        f"{len(src.urls)} shards (e.g. {unknown[0]}) have no manifest.json beside them and "
+                        "no *_stats.json with 'successes'/'num_samples' (img2dataset writes one when a "
+                        "shard is complete). Pass train_num_samples=<samples per epoch>."
                     )
                 src.num_samples, src.shard_counts = n, counts
                 total += n
             self.num_samples = total
         # Empty shards first: with none of them holding a sample, too few shards is not the problem.
-        global_batch = self.batch_size * self.world_size
-        if self.num_samples // global_batch == 0:
-            raise ShardError(
-                f"an epoch of {self.num_samples} samples holds no full global batch of {global_batch} "
-                f"(batch_size {self.batch_size} x {self.world_size} rank(s)): "
-                + (
-                    "the shards are empty or their manifest says 0 samples; check the crawl output."
-                    if self.num_samples == 0
-                    else "use a smaller batch_size or more data (train_num_samples)."
-                )
-            )
+        if self.num_samples // (self.batch_size * self.world_size) == 0:
+            raise ShardError(_no_full_batch(self.num_samples, self.batch_size, self.world_size))
         readers = self.world_size * self.workers
         if not self.resampled:
             for src in self.sources:
@@ -608,7 +690,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
 
     @property
     def corrupt_samples(self) -> int:
-        """Undecodable samples skipped on this rank so far (all epochs), as of the last consumed batch."""
+        """Samples skipped on this rank so far (all epochs), as of the last consumed batch: undecodable
+        ones, and those promised by a damaged shard's manifest or stats count but cut off."""
         return self._corrupt_before + sum(self._corrupt)
 
     def state_dict(self) -> dict[str, Any]:

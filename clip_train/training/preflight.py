@@ -78,12 +78,16 @@ def world_size(trainer_cfg: DictConfig, environ: Mapping[str, str] | None = None
 
 
 def per_rank_batch_size(global_batch_size: int, world: int) -> int:
+    """Each of the `world` processes' equal share of global_batch_size (samples per optimiser step)."""
     if global_batch_size < 1:
         raise ConfigError(f"global_batch_size must be >= 1, got {global_batch_size}")
     if global_batch_size % world:
+        below = global_batch_size // world * world
+        nearest = f"{below} or {below + world}" if below else str(world)
         raise ConfigError(
             f"global_batch_size={global_batch_size} does not divide over {world} processes "
-            f"(trainer.devices × trainer.num_nodes); choose a multiple of {world}"
+            f"(trainer.devices × trainer.num_nodes): every process takes an equal share; set "
+            f"global_batch_size to a multiple of {world}, e.g. {nearest}"
         )
     return global_batch_size // world
 
