@@ -2,11 +2,17 @@
 
 Text is cleaned (ftfy, HTML unescaping, whitespace collapsing, lower-casing), split by CLIP's pre-tokenizer
 regex into words, and each word's UTF-8 bytes are merged by BPE rank. With the standard merges file the ids
-are identical to the original release's, so OpenAI checkpoints see the ids they were trained on.
+are identical to the original release's (up to the two bounds below, which no realistic caption reaches), so
+OpenAI checkpoints see the ids they were trained on.
 
 The merges file is gzip text: one header line, then one merge "a b" per line, best (earliest) first. The
 vocabulary is laid out as: the 256 byte symbols, the same 256 with the word-end marker "</w>", one token per
 merge, then <|startoftext|> and <|endoftext|>. `clip_train.bpe_trainer` writes files in the same format.
+
+Two bounds keep the cost of one text small whatever its length (a data-loader worker must not stall on a
+megabyte of caption): a word longer than `MAX_WORD_CHARS` characters is cut to its first `MAX_WORD_CHARS`
+before BPE, and a call that truncates reads at most `TEXT_CHARS_PER_TOKEN` characters per token of the context
+and stops encoding once the context is full. Neither changes the ids of a realistic caption.
 """
 
 from __future__ import annotations
@@ -35,6 +41,17 @@ DEFAULT_CONTEXT_LENGTH = 77
 DEFAULT_CACHE_SIZE = 65_536
 VOCAB_ENV_VAR = "CLIP_TRAIN_BPE_VOCAB"
 DEFAULT_BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+
+# A longer word is cut to its first MAX_WORD_CHARS characters before BPE (it ends there, word-end marker and
+# all; the rest of it gives no ids). BPE's cost grows with the square of a word's length, so this bounds the
+# cost of one word (scripts/bench/bench_tokenizer.py measures it). Realistic words are far shorter: the
+# longest are runs of CJK or Thai letters between punctuation, tens to a few hundred characters, whose first
+# 75 tokens come from their first hundred or so characters.
+MAX_WORD_CHARS = 1000
+# `Tokenizer.__call__` with truncation reads at most this many characters per token of the context (9,856 for
+# 77 tokens): 75 tokens of realistic text span a few hundred characters, whitespace and HTML entities
+# included, and cleaning (ftfy) costs time in proportion to the characters it reads.
+TEXT_CHARS_PER_TOKEN = 128
 
 # 256 byte symbols + their word-end forms + the two special tokens.
 NUM_BASE_TOKENS = 2 * 256 + 2
@@ -230,15 +247,23 @@ class Tokenizer:
             symbols = merged
         return tuple(self._encoder[s] for s in symbols)
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, enough: int | None = None) -> list[int]:
+        """Ids of `text`, word by word; with `enough`, stop after the word that brings them to `enough`."""
         ids: list[int] = []
         word_ids = self._word_ids
         for word in _PRETOKENIZER.findall(clean_text(text)):
-            ids.extend(word_ids(word))
+            # Cut before the cache as well as before BPE: a cache key is then never longer than the bound.
+            ids.extend(word_ids(word[:MAX_WORD_CHARS]))
+            if enough is not None and len(ids) >= enough:
+                break
         return ids
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of one text, without start/end tokens and without length limit."""
+        """Token ids of one text, without start/end tokens and without length limit.
+
+        The whole text is read. A word (see `pretokenize`) longer than `MAX_WORD_CHARS` characters is cut to
+        its first `MAX_WORD_CHARS` before BPE: its ids are those of that prefix as a word of its own.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         return self._encode(text)
@@ -253,6 +278,12 @@ class Tokenizer:
 
         A text longer than the context is cut so that EOT stays last (truncate=True), or raises (False).
         A single str gives a batch of one.
+
+        With truncate=True only the first `TEXT_CHARS_PER_TOKEN * context_length` characters of a text are
+        read (9,856 for 77 tokens), and encoding stops at the word that fills the context: a row's ids are
+        exactly `encode(text[:TEXT_CHARS_PER_TOKEN * context_length])[:context_length - 2]`, so a caption of
+        any length costs no more than one of that many characters. With truncate=False the whole text is
+        read, as by `encode`, so that the error can say how long it is.
         """
         import torch  # here, not at module level, so the BPE trainer's CLI starts without loading torch
 
@@ -260,15 +291,16 @@ class Tokenizer:
         batch = _as_text_list(texts)
         out = np.zeros((len(batch), length), dtype=np.int64)
         for i, text in enumerate(batch):
-            ids = self._encode(text)
-            if len(ids) + 2 > length:
-                if not truncate:
+            if truncate:
+                ids = self._encode(text[: TEXT_CHARS_PER_TOKEN * length], enough=length - 2)[: length - 2]
+            else:
+                ids = self._encode(text)
+                if len(ids) + 2 > length:
                     raise ValueError(
                         f"text {i} is {len(ids) + 2} tokens long with start/end tokens "
                         f"({len(text)} characters), more than context_length={length}; "
                         "shorten it or pass truncate=True"
                     )
-                ids = ids[: length - 2]
             out[i, 0] = self._sot
             out[i, 1 : len(ids) + 1] = ids
             out[i, len(ids) + 1] = self._eot

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import pickle
+import random
 import re
+import string
 
 import ftfy
 import numpy as np
@@ -200,3 +203,64 @@ def test_cleaning_equals_reference_on_any_text(text):
 
 def test_numpy_int_context_length(tok):
     assert tok("a", context_length=np.int64(5)).shape == (1, 5)
+
+
+class _BpeRecordingTokenizer(Tokenizer):
+    """The real tokenizer, recording the length of every word it runs BPE on (no word cache: each counts)."""
+
+    def __init__(self, bpe_path) -> None:
+        self.bpe_word_lengths: list[int] = []
+        super().__init__(bpe_path, cache_size=0)
+
+    def _bpe(self, word: str) -> tuple[int, ...]:
+        self.bpe_word_lengths.append(len(word))
+        # Refused rather than run: unbounded, BPE of a megabyte word would take hours, not fail.
+        assert len(word) <= tokenizer_module.MAX_WORD_CHARS, f"BPE asked for a {len(word):,}-character word"
+        return super()._bpe(word)
+
+
+def _random_letters(rng: random.Random, n: int) -> str:
+    # Random lower-case letters are BPE's slowest input: many distinct merges apply.
+    return "".join(rng.choices(string.ascii_lowercase, k=n))
+
+
+def test_a_megabyte_caption_with_spaces_is_encoded_only_until_the_context_is_full(fixtures_dir):
+    letters = _random_letters(random.Random(0), 860_000)
+    lengths = itertools.islice(itertools.cycle(range(3, 10)), 143_333)  # words of 3 to 9 letters
+    starts = itertools.accumulate(lengths, initial=0)
+    words = [letters[a:b] for a, b in itertools.pairwise(starts)]
+    caption = " ".join(words)
+    assert len(caption) >= 1_000_000
+    tok = _BpeRecordingTokenizer(fixtures_dir / "bpe_simple_vocab_16e6.txt.gz")
+    row = tok(caption)[0].tolist()
+    # Each word gives at least one id, so at most 75 words are encoded, and not one after the 75th id.
+    assert len(tok.bpe_word_lengths) <= 75
+    assert sum(tok.bpe_word_lengths) == sum(len(w) for w in words[: len(tok.bpe_word_lengths)])
+    assert row == [tok.sot_token_id, *tok.encode(" ".join(words[:200]))[:75], tok.eot_token_id]
+
+
+def test_a_megabyte_caption_without_spaces_runs_bpe_once_on_its_first_characters(fixtures_dir):
+    bound = tokenizer_module.MAX_WORD_CHARS
+    caption = _random_letters(random.Random(0), 1_000_000)
+    tok = _BpeRecordingTokenizer(fixtures_dir / "bpe_simple_vocab_16e6.txt.gz")
+    row = tok(caption)
+    assert tok.bpe_word_lengths == [bound]
+    assert torch.equal(row, tok(caption[:bound]))
+    assert tok.encode(caption) == tok.encode(caption[:bound])
+
+
+def test_a_word_longer_than_the_bound_is_cut_to_its_first_characters(tok):
+    bound = tokenizer_module.MAX_WORD_CHARS
+    word = "ab" * bound
+    assert tok.encode(f"{word} cat") == tok.encode(f"{word[:bound]} cat")
+    # A word of exactly the bound is whole: one character more than it changes the ids.
+    assert tok.encode(word[:bound]) != tok.encode(word[: bound - 1])
+
+
+def test_truncation_reads_at_most_the_characters_per_token_of_the_context(tok):
+    read = tokenizer_module.TEXT_CHARS_PER_TOKEN * 16
+    cat = tok.encode("cat")
+    assert tok(" " * (read - 3) + "cat", context_length=16)[0, 1:2].tolist() == cat
+    # Three spaces more put the word past what is read; without truncation the whole text is read.
+    assert tok(" " * read + "cat", context_length=16)[0, :2].tolist() == [49406, 49407]
+    assert tok(" " * read + "cat", context_length=16, truncate=False)[0, 1:2].tolist() == cat
