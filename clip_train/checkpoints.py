@@ -1,7 +1,8 @@
-"""Load a CLIP model from any checkpoint file this project meets, and the config record that makes ours
+"""Load a CLIP model from any checkpoint this project meets, and the config record that makes ours
 self-describing.
 
-Three kinds of file are read, all with `safe_torch_load` (weights_only=True) or safetensors (no code runs):
+Four kinds of checkpoint are read, all with `safe_torch_load` (weights_only=True) or safetensors (no code
+runs):
 
 * OpenAI / OpenCLIP layout (.pt, .bin, .safetensors): a dict of tensors, optionally under "state_dict";
   the architecture is inferred from the tensors (`clip_train.models.openai_layout`).
@@ -11,6 +12,11 @@ Three kinds of file are read, all with `safe_torch_load` (weights_only=True) or 
   ignored.
 * A plain model file: {"clip_config": clip_config_to_dict(config), "state_dict": model.state_dict()}, as
   written by `save_model`.
+* A Hugging Face `CLIPModel` folder (config.json + model.safetensors, or pytorch_model.bin), as
+  `clip_train.export` writes it, or its weights file with the config.json beside it
+  (`clip_train.models.huggingface_layout`).
+
+Any other folder is refused with what to pass instead (`check_checkpoint_path`).
 
 A Lightning checkpoint written before the trainer recorded "clip_config" still loads: its architecture is
 inferred from the tensors like an OpenAI file, with a warning, and the activation taken to be our default.
@@ -19,21 +25,32 @@ inferred from the tensors like an OpenAI file, with a warning, and the activatio
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from clip_train.models import CLIP, CLIPConfig, ModifiedResNetConfig, TextTransformerConfig
 from clip_train.models.configs import VisionTransformerConfig
+from clip_train.models.huggingface_layout import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    has_huggingface_names,
+    model_from_huggingface,
+)
 from clip_train.models.openai_layout import (
     CheckpointError,
+    check_checkpoint_file,
+    checkpoint_file_problem,
     config_from_openai_state_dict,
     load_openai_checkpoint,
     load_openai_state_dict,
+    read_openai_state_dict,
     safe_torch_load,
 )
 
@@ -42,12 +59,18 @@ _MODEL_PREFIX = "model."
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
 _VISION_TYPES: dict[str, type] = {"vit": VisionTransformerConfig, "resnet": ModifiedResNetConfig}
 EXPECTED_KINDS = (
-    "an OpenAI/OpenCLIP CLIP state dict (.pt/.bin/.safetensors), a clip_train Lightning checkpoint (.ckpt) "
-    "or a file written by clip_train.checkpoints.save_model"
+    "an OpenAI/OpenCLIP CLIP state dict (.pt/.bin/.safetensors), a clip_train Lightning checkpoint (.ckpt), "
+    "a file written by clip_train.checkpoints.save_model, or a Hugging Face CLIPModel folder "
+    "(config.json + model.safetensors)"
 )
+# A Hugging Face folder's weights, in the order transformers prefers them.
+_WEIGHTS_FILES = (WEIGHTS_FILE, "pytorch_model.bin")
+_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+_SUGGESTED_FILES = 3
 
 __all__ = [
     "CheckpointError",
+    "check_checkpoint_path",
     "clip_config_from_dict",
     "clip_config_to_dict",
     "load_model",
@@ -106,35 +129,135 @@ def save_model(model: CLIP, path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, *, quick_gelu: bool | None = None) -> CLIP:
-    """A float32 CLIP model in eval mode from any of the three kinds of file (see the module docstring).
+    """A float32 CLIP model in eval mode from any of the four kinds of checkpoint (see the module docstring).
 
     `quick_gelu` only matters for OpenAI-layout files, which do not record the activation (None: from our
-    .safetensors metadata, else True as in OpenAI's release). Raises FileNotFoundError for a missing file
-    and `CheckpointError` (naming the file and what was expected) for a file of the wrong kind.
+    .safetensors metadata, else True as in OpenAI's release). Raises FileNotFoundError for a missing path
+    and `CheckpointError` (naming the path and what was expected) for a file of the wrong kind or a folder
+    that is not a Hugging Face CLIPModel folder.
     """
     path = Path(path)
-    if path.is_dir() and (path / "checkpoint").is_dir():
-        raise CheckpointError(
-            f"{path} is a DeepSpeed checkpoint (a directory of per-rank shards); gather it into one file "
-            'first: python -c "from pytorch_lightning.utilities.deepspeed import '
-            f"convert_zero_checkpoint_to_fp32_state_dict as c; c('{path}', 'model.ckpt')\" "
-            "and pass model.ckpt"
-        )
+    if path.is_dir():
+        return _load_huggingface(huggingface_weights_in(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
+            if has_huggingface_names(_safetensors_keys(path)):
+                return _load_huggingface(path)
             return load_openai_checkpoint(path, quick_gelu=quick_gelu)
         obj = _torch_load(path)
         if isinstance(obj, Mapping) and CONFIG_KEY in obj:
             return _load_own(obj, path)
         if _is_lightning(obj):
             return _load_lightning_without_config(obj, path)
+        if isinstance(obj, Mapping) and has_huggingface_names(obj):
+            return _load_huggingface(path)
         return load_openai_checkpoint(path, quick_gelu=quick_gelu)
     except CheckpointError as exc:
         if str(path) in str(exc):
             raise
         raise CheckpointError(f"{path}: {exc}. Expected {EXPECTED_KINDS}") from exc
+
+
+def check_checkpoint_path(path: str | Path) -> Path:
+    """`path` when `load_model` may read it, judged without loading the weights: FileNotFoundError for a
+    missing path; `CheckpointError` for a file whose first bytes are no checkpoint's
+    (`check_checkpoint_file`), a Hugging Face weights file without its config.json, or a folder that is not
+    a Hugging Face CLIPModel folder (saying what to pass instead)."""
+    path = Path(path)
+    if path.is_dir():
+        huggingface_weights_in(path)
+        return path
+    check_checkpoint_file(path)
+    if path.suffix == ".safetensors" and has_huggingface_names(_safetensors_keys(path)):
+        _huggingface_config_file(path)
+    return path
+
+
+def huggingface_weights_in(folder: str | Path) -> Path:
+    """The weights file of a Hugging Face CLIPModel folder (config.json + model.safetensors or
+    pytorch_model.bin). Raises `CheckpointError` for any other folder, saying what to pass instead."""
+    folder = Path(folder)
+    if (folder / "checkpoint").is_dir():
+        raise CheckpointError(
+            f"{folder} is a DeepSpeed checkpoint (a directory of per-rank shards); gather it into one file "
+            'first: python -c "from pytorch_lightning.utilities.deepspeed import '
+            f"convert_zero_checkpoint_to_fp32_state_dict as c; c('{folder}', 'model.ckpt')\" "
+            "and pass model.ckpt"
+        )
+    weights = next((folder / n for n in _WEIGHTS_FILES if (folder / n).is_file()), None)
+    has_config = (folder / CONFIG_FILE).is_file()
+    if has_config and weights is not None:
+        return weights
+    if has_config or weights is not None:
+        present, absent = (
+            (CONFIG_FILE, " or ".join(_WEIGHTS_FILES)) if has_config else (weights.name, CONFIG_FILE)
+        )
+        raise CheckpointError(
+            f"{folder} holds {present} but no {absent}: a Hugging Face CLIPModel folder needs both "
+            "(sharded weights are not read)"
+        )
+    # Most likely a run folder or its checkpoints/ folder: name the files that could be meant.
+    candidates = sorted(
+        p
+        for where in (folder, folder / "checkpoints")
+        if where.is_dir()
+        for p in where.iterdir()
+        if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES
+    )
+    candidates.sort(key=lambda p: p.name != "last.ckpt")  # the one to pass, most often
+    what = "a checkpoint file"
+    if candidates:
+        more = len(candidates) - _SUGGESTED_FILES
+        shown = ", ".join(str(p) for p in candidates[:_SUGGESTED_FILES]) + (
+            f", … ({more} more)" if more > 0 else ""
+        )
+        what = f"one of its checkpoint files ({shown})"
+    raise CheckpointError(
+        f"{folder} is a folder, not a checkpoint: pass {what}, or a Hugging Face CLIPModel folder "
+        f"({CONFIG_FILE} + {WEIGHTS_FILE})"
+    )
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    """The tensor names in a .safetensors file's header (the tensors are not read); [] when the file is no
+    readable safetensors file, whose reader then says why."""
+    if checkpoint_file_problem(path) is not None:
+        return []
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError):
+        return []
+
+
+def _huggingface_config_file(weights: Path) -> Path:
+    config = weights.parent / CONFIG_FILE
+    if not config.is_file():
+        raise CheckpointError(
+            f"{weights} holds a Hugging Face CLIPModel's weights, whose architecture is in the "
+            f"{CONFIG_FILE} written beside them, and there is none: pass the folder with both files"
+        )
+    return config
+
+
+def _load_huggingface(weights: Path) -> CLIP:
+    """A CLIPModel's weights file and the config.json beside it, read into our model."""
+    config_file = _huggingface_config_file(weights)
+    try:
+        record = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_file} is not JSON: {exc}") from exc
+    if not isinstance(record, Mapping):
+        raise CheckpointError(f"{config_file} holds a JSON {type(record).__name__}, not an object")
+    state, _ = read_openai_state_dict(weights)  # any state dict: safetensors or torch, wrappers removed
+    try:
+        return model_from_huggingface(record, state)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{weights} (Hugging Face CLIPModel weights, with {config_file}): {exc}"
+        ) from exc
 
 
 def _torch_load(path: Path) -> object:

@@ -5,9 +5,15 @@ as a JSON report and PNG plots.
         --imagefolder data/eval/shapes --templates imagenet80 --out reports/shapes
     python -m clip_train.eval --checkpoint model.safetensors \
         --shards "data/eval/shard-{000000..000003}.tar" --classnames classes.txt --out reports/labelled
+    python -m clip_train.eval --checkpoint exported/hf --imagefolder digits/ --classnames digit_words.txt \
+        --templates "a photo of the number {}." --out reports/digits
     python -m clip_train.eval --checkpoint model.pt --retrieval-folder data/eval/captioned --out reports/ret
     python -m clip_train.eval --checkpoint model.pt --imagefolder data/eval/shapes --linear-probe --out r
     python -m clip_train.eval --checkpoint model.pt --imagefolder data/test --probe-train data/train --out r
+
+Class names are the image folder's sub-folder names unless --classnames names them (line i names the i-th
+sub-folder in sorted order); the run prints the names it prompts with. --templates is a built-in set, a
+file of templates, or one template inline.
 
 Outputs in --out: report.json (metrics, per-class recall, confusion matrix, the most frequent confusions,
 the linear probe's accuracy and regularisation sweep), confusion_matrix.png and per_class_accuracy.png.
@@ -46,6 +52,7 @@ from clip_train.evaluation.zero_shot import ZeroShotResult, evaluate_zero_shot
 
 _TOP_CONFUSIONS = 20
 _TOP_K = 5  # the k of ClassificationMetrics.top5
+_CLASSES_SHOWN = 50  # class names printed before the run; report.json lists them all
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,14 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--classnames",
-        help="class-name file, one per line in label order (required with --shards; with --imagefolder it "
-        "names the sorted sub-folders)",
+        help="class-name file, one name per line: with --imagefolder, line i names the i-th sub-folder in "
+        "sorted order, in place of the folder's name (default: the sub-folder names, '_' read as a space; "
+        "name classes in words, e.g. 'seven' for a folder '7', for the text tower to read them); with "
+        "--shards (required), line i names label i",
     )
     parser.add_argument(
         "--templates",
         default="single",
-        help=f"prompt templates: a built-in set ({', '.join(builtin_template_sets())}) or a file with one "
-        "template per line containing {} (default: single)",
+        help=f"prompt templates: a built-in set ({', '.join(builtin_template_sets())}), a file with one "
+        'template per line containing {}, or one template inline, e.g. "a photo of the number {}." '
+        "(default: single)",
     )
     retrieval = parser.add_mutually_exclusive_group()
     retrieval.add_argument("--retrieval-folder", help="retrieval set: images with same-named .txt captions")
@@ -123,6 +133,18 @@ def _classification_set(args: argparse.Namespace) -> ClassificationSet | None:
     return found
 
 
+def class_list_line(classes: ClassificationSet, classnames_file: str | None) -> str:
+    """The line that shows which class names the run prompts with, and where they came from."""
+    names = classes.classnames
+    shown = ", ".join(repr(n) for n in names[:_CLASSES_SHOWN])
+    if len(names) > _CLASSES_SHOWN:
+        shown += f", … ({len(names) - _CLASSES_SHOWN} more, all in report.json)"
+    if classnames_file:
+        return f"class names from {classnames_file}: {shown}"
+    # The folder names are what the text tower reads: say so, as names like "7" score far below words.
+    return f"class names from the sub-folder names (name them with --classnames FILE): {shown}"
+
+
 def _retrieval_set(args: argparse.Namespace) -> RetrievalSet | None:
     if args.retrieval_folder:
         return captioned_folder(args.retrieval_folder)
@@ -168,7 +190,7 @@ def top_confusions(result: ZeroShotResult, limit: int = _TOP_CONFUSIONS) -> list
 def zero_shot_report(result: ZeroShotResult) -> dict[str, Any]:
     """The report's "zero_shot" entry. With 5 classes or fewer, top-5 is 1.0 whatever the model (every class
     is among the top 5): "top5" is kept, as null, for readers of the key, and "top5_omitted" says why."""
-    report = {**result.to_dict(), "top_confusions": top_confusions(result)}
+    report = {**result.to_dict(), "classnames": result.classnames, "top_confusions": top_confusions(result)}
     if len(result.classnames) <= _TOP_K:
         report["top5"] = None
         report["top5_omitted"] = _top5_omitted(len(result.classnames))
@@ -203,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     if retrieval is not None:
         plan.append(f"retrieval on {retrieval.name!r} ({len(retrieval)} images)")
     print(f"evaluating {args.checkpoint}: {'; '.join(plan)}; writing to {out}")
+    if classification is not None:
+        print(class_list_line(classification, args.classnames))
     model = model_from_arguments(args)
     common = {"batch_size": args.batch_size, "num_workers": args.workers, "progress": True}
 

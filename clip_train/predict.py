@@ -5,11 +5,11 @@
     python -m clip_train.predict --checkpoint model.ckpt photo.jpg -- "cats" "a photo.jpg"
 
 Positional arguments that name an existing folder (searched recursively) or an existing image file are
-the images; the others are the texts. An argument ending in an image extension that does not exist is an
-error rather than a text: it is far more likely a mistyped path than a caption. To say explicitly which is
-which, put the images before `--` and the texts after it (then a text may be anything, even the name of
-a folder). Texts can also come from --text and --texts-file. For each image the texts are listed best
-first with their probability (`clip_train.evaluation.caption_probabilities`).
+the images; the others, whatever their length, are the texts. An argument ending in an image extension
+that does not exist is an error rather than a text: it is far more likely a mistyped path than a caption.
+To say explicitly which is which, put the images before `--` and the texts after it (then a text may be
+anything, even the name of a folder). Texts can also come from --text and --texts-file. For each image the
+texts are listed best first with their probability (`clip_train.evaluation.caption_probabilities`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from clip_train.evaluation.cli_common import add_model_arguments, model_from_arguments, run
 from clip_train.evaluation.datasets import IMAGE_SUFFIXES, ImageRef, list_images
 from clip_train.evaluation.zero_shot import caption_probabilities
+
+_SHOWN_CHARS = 60  # of each argument an error message quotes: a long caption would fill the screen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +58,21 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
+def _exists(argument: str, test: Callable[[Path], bool] = Path.exists) -> bool:
+    """`test(Path(argument))`, False where stat cannot even look the name up: a name longer than the file
+    system allows (OSError ENAMETOOLONG, e.g. a long caption) or one holding a NUL byte (ValueError)."""
+    try:
+        return test(Path(argument))
+    except (OSError, ValueError):
+        return False
+
+
 def is_image_source(argument: str) -> bool:
-    """An existing folder, or an existing file with an image extension."""
-    path = Path(argument)
-    return path.is_dir() or (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+    """An existing folder, or an existing file with an image extension; anything else (of any length) is
+    not."""
+    return _exists(argument, Path.is_dir) or (
+        _exists(argument, Path.is_file) and Path(argument).suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
 def sort_inputs(inputs: list[str], *, after_separator: list[str] | None) -> tuple[list[str], list[str]]:
@@ -85,7 +99,7 @@ def sort_inputs(inputs: list[str], *, after_separator: list[str] | None) -> tupl
 def image_refs(arguments: list[str]) -> list[ImageRef]:
     refs: list[ImageRef] = []
     for item in arguments:
-        if not Path(item).exists():
+        if not _exists(item):
             raise FileNotFoundError(f"image or folder not found: {item}")
         found = list_images(item)
         if not found:
@@ -107,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"texts file not found: {path}")
         texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not image_arguments:
-        raise ValueError(f"no images given: none of {args.inputs} is an existing image file or folder")
+        shown = [a if len(a) <= _SHOWN_CHARS else f"{a[:_SHOWN_CHARS]}…" for a in args.inputs]
+        raise ValueError(f"no images given: none of {shown} is an existing image file or folder")
     if not texts:
         raise ValueError('no texts given: add them after the images (e.g. "a cat" "a dog"), or use --text')
     refs = image_refs(image_arguments)

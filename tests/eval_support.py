@@ -31,6 +31,17 @@ def tiny_model(seed: int = 0, name: str = "vit-tiny") -> CLIP:
     return build_model(name).eval()
 
 
+def perturbed_model(seed: int = 0, name: str = "vit-tiny", **overrides: object) -> CLIP:
+    """A model whose every tensor is distinct (fresh models have zero biases and unit LayerNorm gains, so a
+    conversion that swapped two of those would go unnoticed)."""
+    torch.manual_seed(seed)
+    model = build_model(name, **overrides).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    return model
+
+
 def colour_image(colour: str, seed: int, size: int = 40) -> Image.Image:
     """A noisy image of one colour (±20 grey levels of noise)."""
     rng = np.random.default_rng(seed)

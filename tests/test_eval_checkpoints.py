@@ -1,21 +1,25 @@
-"""`load_model` reads OpenAI-layout files, our Lightning checkpoints and our own model files into the same
-model, and refuses files of the wrong kind with a message naming them."""
+"""`load_model` reads OpenAI-layout files, our Lightning checkpoints, our own model files and Hugging Face
+CLIPModel folders into the same model, and refuses files of the wrong kind, and folders, with a message
+naming them and what to pass instead."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from eval_support import tiny_model, write_lightning_checkpoint
+from eval_support import perturbed_model, tiny_model, write_lightning_checkpoint
 
 from clip_train.checkpoints import (
     CheckpointError,
+    check_checkpoint_path,
     clip_config_from_dict,
     clip_config_to_dict,
     load_model,
     save_model,
 )
+from clip_train.export import export_model
 from clip_train.models import build_model, get_model_config
 from clip_train.models.openai_layout import save_openai_checkpoint
 from clip_train.tokenizer import Tokenizer
@@ -195,3 +199,118 @@ def test_corrupt_safetensors_file(model, tmp_path, damage):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"cannot read .*broken\.safetensors as safetensors"):
         load_model(path)
+
+
+# ------------------------------------------------------------------------------- Hugging Face folders
+
+
+@pytest.mark.parametrize(
+    ("quick_gelu", "fp16"), [(False, False), (True, True)], ids=["gelu-fp32", "quick_gelu-fp16"]
+)
+def test_our_huggingface_export_loads_back(inputs, tmp_path, quick_gelu, fp16):
+    model = perturbed_model(seed=5, quick_gelu=quick_gelu)
+    with torch.no_grad():
+        model.logit_scale.fill_(3.3)
+    out = tmp_path / "hf"
+    export_model(model, "huggingface", out, fp16=fp16)
+    # The folder, and its weights file alone (the config.json beside it describes the architecture).
+    for path in (out, out / "model.safetensors"):
+        assert check_checkpoint_path(path) == path
+        loaded = load_model(path)
+        assert loaded.config == model.config  # activation, heads, end-of-text id included
+        assert next(loaded.parameters()).dtype == torch.float32 and not loaded.training
+        if fp16:  # float16 weights: the same model within their rounding
+            images, tokens = inputs
+            with torch.no_grad():
+                for a, b in (
+                    (model.encode_image(images), loaded.encode_image(images)),
+                    (model.encode_text(tokens), loaded.encode_text(tokens)),
+                ):
+                    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
+        else:  # every tensor back where it came from, bit for bit
+            ours, back = model.state_dict(), loaded.state_dict()
+            assert ours.keys() == back.keys()
+            for name in ours:
+                assert torch.equal(ours[name], back[name]), name
+            _same_outputs(model, loaded, inputs)
+
+
+def test_huggingface_weights_without_their_config_are_named(model, tmp_path):
+    out = tmp_path / "hf"
+    export_model(model, "huggingface", out)
+    (out / "config.json").unlink()
+    weights = out / "model.safetensors"
+    expected = (
+        f"{weights} holds a Hugging Face CLIPModel's weights, whose architecture is in the config.json "
+        "written beside them, and there is none: pass the folder with both files"
+    )
+    for check in (check_checkpoint_path, load_model):
+        with pytest.raises(CheckpointError) as refused:
+            check(weights)
+        assert str(refused.value) == expected
+    with pytest.raises(CheckpointError) as refused:
+        load_model(out)
+    assert str(refused.value) == (
+        f"{out} holds model.safetensors but no config.json: a Hugging Face CLIPModel folder needs both "
+        "(sharded weights are not read)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model_type": "siglip"}, "model_type is 'siglip', not \"clip\" (a CLIPModel)"),
+        (
+            {"text_config": {"hidden_act": "gelu_new"}},
+            "hidden_act ['gelu', 'gelu_new']: our towers share one",
+        ),
+        (
+            {"vision_config": {"layer_norm_eps": 1e-6}},
+            "vision_config.layer_norm_eps is 1e-06; our LayerNorms",
+        ),
+        (
+            {"vision_config": {"num_hidden_layers": None}},
+            "the config's vision_config has no 'num_hidden_layers'",
+        ),
+        ({"text_config": {"num_hidden_layers": 3}}, "missing 16 tensors: text_model.encoder.layers.2."),
+    ],
+    ids=["model-type", "activation", "eps", "missing-field", "more-layers"],
+)
+def test_huggingface_config_it_cannot_hold_is_one_line(model, tmp_path, change, message):
+    out = tmp_path / "hf"
+    export_model(model, "huggingface", out)
+    config = json.loads((out / "config.json").read_text())
+    for key, value in change.items():
+        if isinstance(value, dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as refused:
+        load_model(out)
+    text = str(refused.value)
+    assert text.startswith(f"{out / 'model.safetensors'} (Hugging Face CLIPModel weights, with ")
+    assert message in text and "\n" not in text
+
+
+def test_a_folder_that_is_no_checkpoint_says_what_to_pass(model, tmp_path):
+    run = tmp_path / "runs" / "demo"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("step-00000040.ckpt", "last.ckpt"):
+        write_lightning_checkpoint(model, run / "checkpoints" / name)
+    for folder, files in ((run, run / "checkpoints"), (run / "checkpoints", run / "checkpoints")):
+        expected = (
+            f"{folder} is a folder, not a checkpoint: pass one of its checkpoint files "
+            f"({files / 'last.ckpt'}, {files / 'step-00000040.ckpt'}), or a Hugging Face CLIPModel folder "
+            "(config.json + model.safetensors)"
+        )
+        for check in (check_checkpoint_path, load_model):
+            with pytest.raises(CheckpointError) as refused:
+                check(folder)
+            assert str(refused.value) == expected
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        CheckpointError, match=r"empty is a folder, not a checkpoint: pass a checkpoint file, or"
+    ):
+        load_model(empty)

@@ -1,16 +1,21 @@
-"""The eval, predict and search CLIs, run in-process on a tiny saved model, images written with PIL."""
+"""The eval, predict and search CLIs, run in-process (and predict once as a subprocess) on a tiny saved
+model, images written with PIL."""
 
 from __future__ import annotations
 
 import html
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from eval_support import (
     COLOURS,
+    perturbed_model,
     tiny_model,
     write_captioned_folder,
     write_colour_folder,
@@ -35,6 +40,7 @@ from clip_train.evaluation.cli_common import run
 from clip_train.evaluation.embedding import embed_images, embed_texts, tokenizer_for
 from clip_train.evaluation.zero_shot import ZeroShotResult, classification_metrics
 from clip_train.export import cli as export_cli
+from clip_train.export import export_model
 from clip_train.models.openai_layout import save_openai_checkpoint
 from clip_train.tokenizer import Tokenizer
 
@@ -125,6 +131,9 @@ def test_help_states_each_default_once(module, argv: list[str], capsys):
     if module is eval_cli:
         assert "(default: single)" in entries["--templates"]
         assert "(default 0.3)" in entries["--probe-test-fraction"]
+        # What a newcomer with digit folders needs to find: where class names come from, how to change them.
+        assert "in place of the folder's name (default: the sub-folder names" in entries["--classnames"]
+        assert 'one template inline, e.g. "a photo of the number {}."' in entries["--templates"]
 
 
 def test_eval_writes_report_and_plots(material, tmp_path, capsys):
@@ -175,6 +184,38 @@ def test_top5_is_reported_with_more_than_5_classes_only(num_classes: int):
         assert report["top5"] is None
         assert report["top5_omitted"] == "only 5 classes: every image's class is among the top 5"
     assert report["top1"] == 0.0 and json.dumps(report)  # the rest as before, and JSON-safe
+
+
+def test_eval_prints_its_class_names_and_takes_them_from_a_file(material, tmp_path, capsys):
+    # Digits as class folders (holding the red, green and blue images): the text tower reads "0", "1", "2"
+    # unless a class-name file names them.
+    digits = tmp_path / "digits"
+    for digit, colour in enumerate(COLOURS):
+        shutil.copytree(material / "colours" / colour, digits / str(digit))
+    base = ["--checkpoint", str(material / "model.pt"), "--imagefolder", str(digits)]
+    assert eval_cli.main([*base, "--out", str(tmp_path / "folders")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == (
+        "class names from the sub-folder names (name them with --classnames FILE): '0', '1', '2'"
+    )
+    report = json.loads((tmp_path / "folders" / "report.json").read_text())
+    assert report["zero_shot"]["classnames"] == ["0", "1", "2"]
+
+    names = tmp_path / "colour_words.txt"
+    names.write_text("red\ngreen\nblue\n")
+    template = "a photo of the colour {}."  # inline: not a file, not a built-in set
+    out = tmp_path / "named"
+    assert eval_cli.main([*base, "--classnames", str(names), "--templates", template, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "1 template(s)" in printed[0]
+    assert printed[1] == f"class names from {names}: 'red', 'green', 'blue'"
+    report = json.loads((out / "report.json").read_text())
+    assert report["zero_shot"]["classnames"] == ["red", "green", "blue"]
+    assert report["templates"] == template and report["zero_shot"]["num_templates"] == 1
+    # The names and the template were the ones prompted with: the library on the same inputs agrees.
+    expected = evaluate_zero_shot(tiny_model(seed=11), image_folder(digits, list(COLOURS)), [template])
+    assert report["zero_shot"]["confusion_matrix"] == expected.metrics.confusion.tolist()
+    assert report["zero_shot"]["top1"] == pytest.approx(expected.metrics.top1)
 
 
 def test_eval_refuses_a_single_class(material, tmp_path, capsys):
@@ -405,6 +446,19 @@ def test_predict_separator_makes_any_argument_a_text(material, capsys, tmp_path,
     assert sorted(p["text"] for p in row["predictions"]) == ["a photo.jpg", "cats"]
 
 
+def test_predict_takes_a_5000_character_caption_as_a_text(material, capsys):
+    # Longer than a file name may be (255 bytes): stat fails with ENAMETOOLONG rather than "no such file".
+    caption = ("a red square beside a blue circle " * 200)[:5_000]
+    image = str(material / "colours" / "red" / "red_0.jpg")
+    assert predict.main(["--checkpoint", str(material / "model.pt"), "--json", image, caption, "a cat"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(p["text"] for p in row["predictions"]) == sorted([caption, "a cat"])
+    # Without an image, the error quotes the start of each argument, not the whole caption.
+    err = _fails(predict.main, ["--checkpoint", str(material / "model.pt"), caption, "a cat"], capsys)
+    quoted = f"['{caption[:60]}…', 'a cat']"
+    assert err == f"error: no images given: none of {quoted} is an existing image file or folder\n"
+
+
 def test_predict_bad_inputs(material, capsys):
     model = str(material / "model.pt")
     image = str(material / "colours" / "red" / "red_0.jpg")
@@ -569,3 +623,83 @@ def test_search_bad_inputs(material, tmp_path, capsys):
         capsys,
     )
     assert "nothing" in err
+
+
+# --------------------------------------------------------------------------------- checkpoint folders
+
+
+@pytest.fixture(scope="module")
+def huggingface_export(material) -> tuple[Path, Path]:
+    """(our model file, the same model exported as a Hugging Face CLIPModel folder)."""
+    model = perturbed_model(seed=21)
+    ours = save_model(model, material / "hf_source.pt")
+    export_model(model, "huggingface", material / "hf")
+    return ours, material / "hf"
+
+
+def test_every_cli_reads_a_huggingface_folder(material, huggingface_export, tmp_path, capsys):
+    ours, folder = huggingface_export
+    image = str(material / "colours" / "red" / "red_0.jpg")
+    texts = ["a red thing", "a blue thing", "two cats and remotes"]
+    # predict, as a user runs it: a subprocess from the shell, on the folder.
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_train.predict", "--checkpoint", str(folder), "--json", image, *texts],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = [json.loads(line) for line in result.stdout.splitlines()]
+    got = {p["text"]: p["probability"] for p in row["predictions"]}
+    expected = caption_probabilities(load_model(ours), [ImageRef(image)], texts)[0]
+    torch.testing.assert_close(torch.tensor([got[t] for t in texts]), expected, atol=1e-6, rtol=0)
+
+    # eval on the folder and on its weights file: the report of the original model file.
+    reports = {}
+    for name, checkpoint in (("ours", ours), ("folder", folder), ("weights", folder / "model.safetensors")):
+        argv = ["--checkpoint", str(checkpoint), "--imagefolder", str(material / "colours")]
+        assert eval_cli.main([*argv, "--out", str(tmp_path / name)]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())["zero_shot"]
+    assert reports["folder"] == reports["weights"] == reports["ours"]
+
+    # search: an index built from the folder accepts the original file as the same weights (bit for bit).
+    index = tmp_path / "idx.pt"
+    argv = ["index", "--checkpoint", str(folder), "--images", str(material / "colours"), "--out", str(index)]
+    assert search.main(argv) == 0
+    argv = ["query", "--index", str(index), "red", "--checkpoint", str(ours), "--out", str(tmp_path / "q")]
+    assert search.main(argv) == 0
+    assert "warning" not in capsys.readouterr().err
+
+    # export: the folder converts to another format.
+    argv = ["--checkpoint", str(folder), "--format", "openai", "--out", str(tmp_path / "openai")]
+    assert export_cli.main(argv) == 0
+    reloaded = load_model(tmp_path / "openai" / "open_clip_model.safetensors")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(reloaded.state_dict().values(), load_model(ours).state_dict().values())
+    )
+
+
+def test_a_folder_as_checkpoint_says_what_to_pass(material, tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "demo"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    shutil.copy(material / "model.pt", last)
+    image, colours = str(material / "colours" / "red" / "red_0.jpg"), str(material / "colours")
+    expected = (
+        f"{run_dir} is a folder, not a checkpoint: pass one of its checkpoint files ({last}), or a Hugging "
+        "Face CLIPModel folder (config.json + model.safetensors)"
+    )
+    runs = [
+        (eval_cli.main, [], ["--imagefolder", colours, "--out", str(tmp_path / "o")]),
+        (predict.main, [], [image, "a cat"]),
+        (search.main, ["index"], ["--images", colours, "--out", str(tmp_path / "i.pt")]),
+        (textness.main, ["train"], ["--images", colours]),
+        (export_cli.main, [], ["--format", "onnx", "--out", str(tmp_path / "e")]),
+    ]
+    for main, before, after in runs:
+        out, err = _refused(main, [*before, "--checkpoint", str(run_dir), *after], capsys)
+        assert _checkpoint_refused(err, expected), (main.__module__, err)
+        assert out == "", (main.__module__, out)
+    assert not any((tmp_path / name).exists() for name in ("o", "i.pt", "e"))

@@ -64,6 +64,21 @@ def test_missing_template_file(tmp_path):
         load_templates(tmp_path / "nothere.txt")
 
 
+def test_inline_template(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_templates("a photo of the number {}.") == ["a photo of the number {}."]
+    long = "a photo of " + "a very " * 100 + "small {}."  # longer than a file name may be: no OSError
+    assert load_templates(long) == [long]
+    with pytest.raises(TemplateError, match=r"^inline template: template 'a \{\} and a \{\}\.' must contain"):
+        load_templates("a {} and a {}.")
+    # An existing file wins over the inline reading of its name.
+    (tmp_path / "a {}.txt").write_text("a drawing of a {}.\n")
+    assert load_templates("a {}.txt") == ["a drawing of a {}."]
+    # Neither a set, a file nor a template: the error names all three forms.
+    with pytest.raises(FileNotFoundError, match=r"built-in sets: imagenet80, single; or one template inline"):
+        load_templates("a photo of a digit")
+
+
 def test_class_name_files(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("red\ngreen\n\nblue\n")

@@ -4,7 +4,9 @@ model the format cannot express."""
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +168,18 @@ def test_resnet_to_huggingface(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"Hugging Face CLIPModel.*modified ResNet"):
         main(["--checkpoint", str(path), "--format", "huggingface", "--out", str(tmp_path / "hf")])
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_exported_files_have_the_mode_of_any_new_file(checkpoint: Path, tmp_path: Path, umask: int) -> None:
+    # The .safetensors weights included, which safetensors itself writes readable by their owner alone.
+    previous = os.umask(umask)
+    try:
+        for format in ("openai", "huggingface"):
+            out = tmp_path / format
+            assert main(["--checkpoint", str(checkpoint), "--format", format, "--out", str(out)]) == 0
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+            assert any(name.endswith(".safetensors") for name in modes)
+            assert modes == dict.fromkeys(modes, 0o666 & ~umask), format
+    finally:
+        os.umask(previous)

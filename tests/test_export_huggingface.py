@@ -150,6 +150,16 @@ def test_image_processor_gives_our_evaluation_pixels(
     assert levels.max() <= 2.0 + 1e-3 and levels.mean() <= 0.1, (levels.max(), levels.mean())
 
 
+def test_a_folder_transformers_wrote_loads_as_our_model(exported: tuple[CLIP, Path], tmp_path: Path) -> None:
+    # transformers' own config.json and weights (its names, its choice of fields), not only ours.
+    model, folder = exported
+    transformers.CLIPModel.from_pretrained(folder).save_pretrained(tmp_path / "saved")
+    loaded = load_model(tmp_path / "saved")
+    assert loaded.config == model.config
+    ours, back = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(ours[name], back[name]) for name in ours)
+
+
 def test_fp16_export(tmp_path: Path, tokens: torch.Tensor) -> None:
     model = random_model(seed=4)
     files = export_model(model, "huggingface", tmp_path / "hf16", fp16=True)

@@ -1,10 +1,12 @@
 """ONNX export of the image and text towers: onnxruntime agrees with PyTorch (max |Δ| ≤ 1e-4 in fp32, cosine
-≥ 0.999 in fp16), the batch axis is dynamic, the check catches a graph that disagrees, and the CLI reports
-each tower's agreement and size."""
+≥ 0.999 in fp16), the batch axis is dynamic, the check catches a graph that disagrees, the CLI reports
+each tower's agreement and size, and the files beside the graphs are all a caller needs to run them."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from eval_support import write_lightning_checkpoint
+from PIL import Image
 
-from clip_train.export import ExportError, export_onnx
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the hub: the tokenizer is read from the folder
+import transformers  # after the variable above: huggingface_hub reads it on import
+
+from clip_train.data.transforms import eval_transform, normalize_batch, stack_uint8
+from clip_train.export import ExportError, OnnxTowerExport, export_model, export_onnx
 from clip_train.export.cli import main
 from clip_train.export.onnx_export import (
     FP16_MIN_COSINE,
@@ -25,6 +32,7 @@ from clip_train.export.onnx_export import (
     example_inputs,
 )
 from clip_train.models import CLIP, build_model
+from clip_train.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow  # each tower takes the exporter 2-4 s
 
@@ -54,8 +62,9 @@ def vit() -> CLIP:
 
 @pytest.fixture(scope="module")
 def vit_fp32(vit: CLIP, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tower → its export, of a whole ONNX export (graphs, metadata and tokenizer files) to one folder."""
     out = tmp_path_factory.mktemp("onnx_fp32")
-    return {r.tower: r for r in export_onnx(vit, out)}
+    return {r.tower: r for r in export_model(vit, "onnx", out) if isinstance(r, OnnxTowerExport)}
 
 
 def run_onnx(path: Path, inputs: torch.Tensor) -> list[np.ndarray]:
@@ -117,10 +126,15 @@ def test_fp16_via_cli_from_a_lightning_checkpoint(
     assert "as onnx fp16" in printed.splitlines()[0]
     summary = printed.strip().splitlines()[-1]
     assert re.fullmatch(
-        rf"exported 2 files \(.+ MB\) to {re.escape(str(out))} in [\d.]+ s: "
-        r"image_tower_fp16\.onnx [\d.]+ MB, text_tower_fp16\.onnx [\d.]+ MB",
+        rf"exported 8 files \(.+ MB\) to {re.escape(str(out))} in [\d.]+ s: "
+        r"image_tower_fp16\.onnx [\d.]+ MB, text_tower_fp16\.onnx [\d.]+ MB, onnx_config\.json [\d.]+ KB, "
+        r"vocab\.json [\d.]+ KB, merges\.txt [\d.]+ KB, .*preprocessor_config\.json \d+ B",
         summary,
     ), summary
+    config = json.loads((out / "onnx_config.json").read_text())
+    assert config["weights"] == "fp16"
+    assert config["image_tower"]["file"] == "image_tower_fp16.onnx"
+    assert config["text_tower"]["file"] == "text_tower_fp16.onnx"
     for tower in ("image", "text"):
         path = out / f"{tower}_tower_fp16.onnx"
         # float16 weights: about half the fp32 file
@@ -147,3 +161,60 @@ def test_resnet_image_tower(tmp_path: Path, fp16: bool) -> None:
         assert result.agreement.max_abs_diff <= FP32_MAX_ABS_DIFF
     embeds, _ = run_onnx(result.path, example_inputs(model, "image", 1, seed=3))
     assert embeds.shape == (1, model.config.embed_dim)
+
+
+def _textured_image(width: int, height: int) -> Image.Image:
+    """Gradients and a sine pattern: a crop or resize that is off shows as several grey levels."""
+    y, x = np.mgrid[0:height, 0:width]
+    pattern = 128 + 100 * np.sin(x / 5.0) * np.cos(y / 7.0)
+    rgb = np.stack([255 * x / width, 255 * y / height, pattern], axis=-1)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+def test_the_graphs_run_from_the_files_beside_them(vit: CLIP, vit_fp32: dict, tmp_path: Path) -> None:
+    """A caller without clip_train: onnx_config.json, numpy/PIL for the image, CLIPTokenizer on the
+    vocabulary files for the text, onnxruntime for the graphs."""
+    folder = vit_fp32["image"].path.parent
+    config = json.loads((folder / "onnx_config.json").read_text())
+    pre, tok = config["image_preprocessing"], config["tokenizer"]
+
+    # Image: RGB, short side to image_size (bicubic), centre crop, / 255, (x - mean) / std, channels first.
+    _textured_image(75, 48).save(tmp_path / "photo.png")
+    image = Image.open(tmp_path / "photo.png").convert(pre["convert"])
+    size = pre["resize_shortest_edge"]
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize((round(width * scale), round(height * scale)), Image.Resampling.BICUBIC)
+    crop_h, crop_w = pre["center_crop"]
+    left, top = round((resized.width - crop_w) / 2), round((resized.height - crop_h) / 2)
+    cropped = np.asarray(resized.crop((left, top, left + crop_w, top + crop_h)), dtype=np.float32)
+    pixels = (cropped * pre["rescale_factor"] - pre["mean"]) / pre["std"]
+    images = pixels.transpose(2, 0, 1)[None].astype(np.float32)  # (1, 3, S, S)
+
+    # Text: the BPE vocabulary (vocab.json, merges.txt) with its tokenizer_config.json, padded and cut to the
+    # context length. (CLIPTokenizer pads with end-of-text where ours pads with 0: the features are the same.)
+    assert (folder / tok["vocab_file"]).is_file() and (folder / tok["merges_file"]).is_file()
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    texts = ["a photo of a cat", "a gradient with stripes", "two dogs " * 60]
+    tokens = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=tok["context_length"], return_tensors="np"
+    )["input_ids"].astype(np.int64)
+
+    def run(tower: str, inputs: np.ndarray) -> np.ndarray:
+        entry = config[f"{tower}_tower"]
+        session = ort.InferenceSession(str(folder / entry["file"]), providers=["CPUExecutionProvider"])
+        return session.run([next(iter(entry["outputs"]))], {entry["input"]["name"]: inputs})[0]
+
+    image_embeds, text_embeds = run("image", images), run("text", tokens)
+    probabilities = torch.from_numpy(config["logit_scale"] * image_embeds @ text_embeds.T).softmax(dim=1)
+
+    # The same as our model on our own preprocessing and tokenizer.
+    ours_pixels = normalize_batch(stack_uint8([eval_transform(vit.image_size).crop(image)]))
+    # PIL's bicubic against torch's antialiased one: within 2 grey levels (as in the Hugging Face export's).
+    assert np.abs(images - ours_pixels.numpy()).max() * 255 * max(pre["std"]) <= 2.0 + 1e-3
+    with torch.no_grad():
+        out = vit(ours_pixels, Tokenizer(context_length=vit.context_length)(texts))
+    expected = (out.logit_scale * out.image_embeds @ out.text_embeds.T).softmax(dim=1)
+    torch.testing.assert_close(torch.from_numpy(text_embeds), out.text_embeds, rtol=0, atol=1e-4)
+    assert F.cosine_similarity(torch.from_numpy(image_embeds), out.image_embeds).min() > 0.999
+    torch.testing.assert_close(probabilities, expected, rtol=0, atol=2e-3)

@@ -9,17 +9,28 @@ from collections.abc import Callable
 
 import torch
 
-from clip_train.checkpoints import load_model
+from clip_train.checkpoints import check_checkpoint_path, load_model
 from clip_train.models import CLIP
-from clip_train.models.openai_layout import CheckpointError, check_checkpoint_file
+from clip_train.models.openai_layout import CheckpointError
+
+CHECKPOINT_HELP = (
+    "model: our trainer's .ckpt, save_model's .pt, an OpenAI/OpenCLIP .pt/.bin/.safetensors, or a Hugging "
+    "Face CLIPModel folder (config.json + model.safetensors, as clip_train.export writes it)"
+)
+QUICK_GELU_HELP = (
+    "activation of an OpenAI-layout file, which does not record it (default auto: from .safetensors "
+    "metadata, else QuickGELU as in OpenAI's release); ignored for the checkpoints that record it (ours, "
+    "Hugging Face folders)"
+)
 
 
 def checkpoint_file(value: str) -> str:
-    """The `type=` of a --checkpoint option: a missing file, or one that is no checkpoint by its first bytes
-    (an image, a text file), is refused while the arguments are parsed, before a CLI prints a plan line
-    that would claim to be using it or spends time on its other inputs. Returns `value` unchanged."""
+    """The `type=` of a --checkpoint option: a missing path, a file that is no checkpoint by its first bytes
+    (an image, a text file) or a folder that holds no Hugging Face CLIPModel is refused while the arguments
+    are parsed (`check_checkpoint_path`), before a CLI prints a plan line that would claim to be using it
+    or spends time on its other inputs. Returns `value` unchanged."""
     try:
-        check_checkpoint_file(value)
+        check_checkpoint_path(value)
     except (FileNotFoundError, CheckpointError) as exc:
         # argparse shows an ArgumentTypeError's own message; any other error becomes "invalid value".
         raise argparse.ArgumentTypeError(str(exc)) from None
@@ -31,14 +42,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
         "--checkpoint",
         required=required,
         type=checkpoint_file,
-        help="model file: our trainer's .ckpt, an OpenAI/OpenCLIP .pt/.bin/.safetensors, or save_model's .pt",
+        help=CHECKPOINT_HELP,
     )
     parser.add_argument(
-        "--quick-gelu",
-        choices=("auto", "true", "false"),
-        default="auto",
-        help="activation of an OpenAI-layout file, which does not record it (auto: from .safetensors "
-        "metadata, else QuickGELU as in OpenAI's release); ignored for our own checkpoints",
+        "--quick-gelu", choices=("auto", "true", "false"), default="auto", help=QUICK_GELU_HELP
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")

@@ -3,6 +3,8 @@
 A template file holds one prompt per line with "{}" where the class name goes ("a photo of a {}.");
 blank lines and lines starting with "#" are skipped. Built-in sets live in clip_train/evaluation/templates/:
 "single" (the CLIP paper's "a photo of a {}.") and "imagenet80" (the paper's 80 ImageNet prompts).
+`load_templates` also takes one template written inline ("a photo of the number {}."): any string holding
+"{}" that is not an existing file.
 A class-name file holds one class name per line, in label order (line i names label i).
 """
 
@@ -25,7 +27,7 @@ def builtin_template_sets() -> list[str]:
 
 def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
     """(line number, stripped text) of the non-blank, non-comment lines of a UTF-8 file."""
-    if not path.is_file():
+    if not _is_file(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
@@ -59,14 +61,22 @@ def check_templates(templates: list[str], source: str = "templates") -> list[str
     return list(templates)
 
 
-def load_templates(name_or_path: str | Path) -> list[str]:
-    """The templates of a built-in set ("single", "imagenet80") or of a template file."""
-    builtin = TEMPLATE_DIR / f"{name_or_path}.txt"
-    is_builtin = isinstance(name_or_path, str) and "/" not in name_or_path and builtin.is_file()
-    path = builtin if is_builtin else Path(name_or_path)
-    if not is_builtin and not path.is_file():
+def load_templates(spec: str | Path) -> list[str]:
+    """The templates `spec` names: a built-in set ("single", "imagenet80"), a template file, or one template
+    written inline ("a photo of the number {}."), which is a string holding "{}" that is not an existing
+    file. Raises FileNotFoundError when `spec` is none of these, `TemplateError` for a bad template."""
+    builtin = TEMPLATE_DIR / f"{spec}.txt"
+    is_builtin = isinstance(spec, str) and "/" not in spec and _is_file(builtin)
+    path = builtin if is_builtin else Path(spec)
+    if not is_builtin and not _is_file(path):
+        if isinstance(spec, str) and PLACEHOLDER in spec:
+            problem = _problem(spec)
+            if problem:
+                raise TemplateError(f"inline template: {problem}")
+            return [spec]
         raise FileNotFoundError(
-            f"template file not found: {path} (built-in sets: {', '.join(builtin_template_sets())})"
+            f"template file not found: {path} (built-in sets: {', '.join(builtin_template_sets())}; or one "
+            f'template inline, with {PLACEHOLDER} where the class name goes: "a photo of a {PLACEHOLDER}.")'
         )
     lines = _read_lines(path, "template")
     if not lines:
@@ -76,6 +86,15 @@ def load_templates(name_or_path: str | Path) -> list[str]:
         if problem:
             raise TemplateError(f"{path}:{n}: {problem}")
     return [t for _, t in lines]
+
+
+def _is_file(path: Path) -> bool:
+    # An inline template longer than the file system's name limit makes stat fail (ENAMETOOLONG), and one
+    # holding a NUL byte is refused by os.stat with ValueError: neither is a file.
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def fill_templates(classname: str, templates: list[str]) -> list[str]:

@@ -20,8 +20,12 @@ from clip_train.export.files import (
     human_size,
     prepare_output_dir,
 )
-from clip_train.export.huggingface import check_huggingface_expressible, export_huggingface
-from clip_train.export.onnx_export import OnnxAgreement, OnnxTowerExport, export_onnx
+from clip_train.export.huggingface import (
+    check_huggingface_expressible,
+    check_tokenizer_fits,
+    export_huggingface,
+)
+from clip_train.export.onnx_export import OnnxAgreement, OnnxTowerExport, export_onnx, write_onnx_metadata
 from clip_train.export.openai_export import check_openai_expressible, export_openai
 from clip_train.models import CLIP
 from clip_train.tokenizer import Tokenizer
@@ -42,11 +46,13 @@ __all__ = [
     "export_openai",
     "human_size",
     "prepare_output_dir",
+    "write_onnx_metadata",
 ]
 
 
 def check_exportable(model: CLIP, format: str, tokenizer: Tokenizer | None = None) -> None:
-    """Raise `ExportError` for an unknown format, or a model that the format cannot express."""
+    """Raise `ExportError` for an unknown format, a model that the format cannot express, or a `tokenizer`
+    (whose files the onnx and huggingface formats write) that does not fit the model."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)}")
     if not isinstance(model, CLIP):
@@ -55,6 +61,8 @@ def check_exportable(model: CLIP, format: str, tokenizer: Tokenizer | None = Non
         check_openai_expressible(model)
     elif format == "huggingface":
         check_huggingface_expressible(model, tokenizer)
+    elif tokenizer is not None:
+        check_tokenizer_fits(model, tokenizer)
 
 
 def export_model(
@@ -68,15 +76,16 @@ def export_model(
 ) -> list[ExportedFile]:
     """Export `model` in `format` ("onnx", "openai" or "huggingface") into `out_dir`, float16 weights
     with `fp16`; returns the files written. The model and the output folder are checked first (see
-    `check_exportable`, `prepare_output_dir`), so a refused export writes nothing. `tokenizer` (Hugging
-    Face only): the one whose files to write, default the standard BPE vocabulary."""
+    `check_exportable`, `prepare_output_dir`), so a refused export writes nothing. `tokenizer` (onnx and
+    huggingface): the one whose files to write beside the model, default the standard BPE vocabulary."""
     check_exportable(model, format, tokenizer)
-    if format == "huggingface" and tokenizer is None:  # check the default's fit before writing anything
+    if format != "openai" and tokenizer is None:  # check the default's fit before writing anything
         tokenizer = Tokenizer(context_length=model.context_length)
-        check_huggingface_expressible(model, tokenizer)
+        check_exportable(model, format, tokenizer)
     out = prepare_output_dir(out_dir, overwrite=overwrite)
     if format == "onnx":
-        return list(export_onnx(model, out, fp16=fp16))
+        graphs = export_onnx(model, out, fp16=fp16)
+        return [*graphs, *write_onnx_metadata(model, out, fp16=fp16, tokenizer=tokenizer)]
     if format == "openai":
         return export_openai(model, out, fp16=fp16)
     return export_huggingface(model, out, fp16=fp16, tokenizer=tokenizer)

@@ -13,15 +13,16 @@ import time
 from pathlib import Path
 
 from clip_train.checkpoints import load_model
-from clip_train.evaluation.cli_common import checkpoint_file
+from clip_train.evaluation.cli_common import CHECKPOINT_HELP, QUICK_GELU_HELP, checkpoint_file
 from clip_train.export import FORMATS, check_exportable, export_model, human_size, prepare_output_dir
 from clip_train.export.files import ExportedFile, check_output_dir
-from clip_train.export.onnx_export import TOWERS, export_onnx
+from clip_train.export.onnx_export import TOWERS, export_onnx, write_onnx_metadata
 from clip_train.models import CLIP, ModifiedResNetConfig
 from clip_train.tokenizer import Tokenizer
 
 _DESCRIPTIONS = {
-    "onnx": "image and text towers as separate ONNX graphs (dynamic batch), each checked in onnxruntime",
+    "onnx": "image and text towers as separate ONNX graphs (dynamic batch), each checked in onnxruntime, "
+    "with onnx_config.json (preprocessing, context length) and the tokenizer files",
     "openai": "OpenAI/OpenCLIP state-dict layout (open_clip_model.safetensors + open_clip_config.json)",
     "huggingface": "Hugging Face transformers CLIPModel folder (config, safetensors weights, tokenizer)",
 }
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         type=checkpoint_file,
-        help="model file: our trainer's .ckpt, an OpenAI/OpenCLIP .pt/.bin/.safetensors, or save_model's .pt",
+        help=CHECKPOINT_HELP,
     )
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     parser.add_argument(
@@ -57,13 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick-gelu",
         choices=("auto", "true", "false"),
         default="auto",
-        help="activation of an OpenAI-layout --checkpoint, which does not record it (default auto: from "
-        ".safetensors metadata, else QuickGELU as in OpenAI's release); ignored for our own checkpoints",
+        help=QUICK_GELU_HELP,
     )
     parser.add_argument(
         "--bpe",
         default=None,
-        help="huggingface: the BPE merges file the model was trained with (default: the standard CLIP one)",
+        help="onnx, huggingface: the BPE merges file the model was trained with, whose tokenizer files are "
+        "written beside the model (default: the standard CLIP one)",
     )
     return parser
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     quick_gelu = {"auto": None, "true": True, "false": False}[args.quick_gelu]
     model = load_model(args.checkpoint, quick_gelu=quick_gelu)
     tokenizer = None
-    if args.format == "huggingface":
+    if args.format != "openai":  # its files are written beside the model
         tokenizer = Tokenizer(args.bpe, context_length=model.context_length)
     check_exportable(model, args.format, tokenizer)
     print(
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             files.append(result)
+        files += write_onnx_metadata(model, out, fp16=args.fp16, tokenizer=tokenizer)
     else:
         files = export_model(
             model, args.format, out, fp16=args.fp16, overwrite=args.overwrite, tokenizer=tokenizer

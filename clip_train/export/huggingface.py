@@ -4,19 +4,8 @@ Files: config.json, model.safetensors, the tokenizer (vocab.json and merges.txt 
 file, tokenizer_config.json, special_tokens_map.json) and preprocessor_config.json (CLIPImageProcessor:
 short-side bicubic resize, centre crop, CLIP's normalisation, as our evaluation transform does).
 
-Written without importing transformers (a test dependency only). The correspondence, ours → theirs:
-
-* `visual.*` → `vision_model.*`: conv1 → embeddings.patch_embedding, class_embedding and positional_embedding
-  → embeddings.*, ln_pre → pre_layrnorm (sic), ln_post → post_layernorm; `visual.proj` (width, D) →
-  `visual_projection.weight` (D, width).
-* `text.*` → `text_model.*`: token_embedding / positional_embedding → embeddings.*, ln_final →
-  final_layer_norm; `text.text_projection` (width, D) → `text_projection.weight` (D, width).
-* Each block: the fused `attn.in_proj_*` splits into `self_attn.{q,k,v}_proj.*`; ln_1/ln_2 → layer_norm1/2,
-  mlp.c_fc/c_proj → mlp.fc1/fc2.
-* quick_gelu → hidden_act "quick_gelu", else "gelu" (both exact GELU); LayerNorm eps 1e-5 as torch's.
-* Text pooling: HF reads the first position of `eos_token_id` (for any id but 2, which selects the legacy
-  argmax of the ids), exactly our first end-of-text position, so `eos_token_id` = our `eot_token_id`.
-
+Written without importing transformers (a test dependency only). The weights and config.json follow
+`clip_train.models.huggingface_layout`, which `clip_train.checkpoints.load_model` reads back:
 `get_image_features` / `get_text_features` then return our `encode_image` / `encode_text` (projected,
 unnormalised). CLIPModel has no ResNet image tower and no logit bias: such models are refused by name.
 """
@@ -29,25 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from clip_train.data.transforms import CLIP_MEAN, CLIP_STD
 from clip_train.export.files import ExportedFile, ExportError
-from clip_train.models import CLIP, ModifiedResNetConfig
+from clip_train.models import CLIP, ModifiedResNetConfig, huggingface_layout
+from clip_train.models.huggingface_layout import (
+    CONFIG_FILE,
+    LEGACY_EOS_ID,
+    WEIGHTS_FILE,
+    to_huggingface_state_dict,
+)
+from clip_train.models.openai_layout import CheckpointError, save_safetensors
 from clip_train.tokenizer import EOT_TEXT, SOT_TEXT, WORD_END, Tokenizer, bytes_to_unicode, read_merges
-
-WEIGHTS_FILE = "model.safetensors"
-LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our towers use
-_HF_LEGACY_EOS_ID = 2  # CLIPTextModel pools at argmax(input_ids) when eos_token_id is 2
-_BLOCK_RENAMES = {
-    "ln_1": "layer_norm1",
-    "ln_2": "layer_norm2",
-    "attn.out_proj": "self_attn.out_proj",
-    "mlp.c_fc": "mlp.fc1",
-    "mlp.c_proj": "mlp.fc2",
-}
-_MAX_LISTED = 10
 
 
 def check_huggingface_expressible(model: CLIP, tokenizer: Tokenizer | None = None) -> None:
@@ -65,14 +48,20 @@ def check_huggingface_expressible(model: CLIP, tokenizer: Tokenizer | None = Non
             "which CLIPModel has no parameter for; its logits would silently differ"
         )
     text = config.text
-    if text.eot_token_id == _HF_LEGACY_EOS_ID and text.vocab_size - 1 != _HF_LEGACY_EOS_ID:
+    if text.eot_token_id == LEGACY_EOS_ID and text.vocab_size - 1 != LEGACY_EOS_ID:
         raise ExportError(
-            f"cannot export to Hugging Face CLIPModel: end-of-text id {_HF_LEGACY_EOS_ID} makes "
+            f"cannot export to Hugging Face CLIPModel: end-of-text id {LEGACY_EOS_ID} makes "
             "CLIPTextModel pool text at the largest token id instead of at the end-of-text token"
         )
-    if tokenizer is not None and (
-        tokenizer.vocab_size != text.vocab_size or tokenizer.eot_token_id != text.eot_token_id
-    ):
+    if tokenizer is not None:
+        check_tokenizer_fits(model, tokenizer)
+
+
+def check_tokenizer_fits(model: CLIP, tokenizer: Tokenizer) -> None:
+    """Raise `ExportError` when the tokenizer whose files an export writes is not the model's: another
+    vocabulary size or end-of-text id."""
+    text = model.config.text
+    if tokenizer.vocab_size != text.vocab_size or tokenizer.eot_token_id != text.eot_token_id:
         raise ExportError(
             f"the tokenizer ({tokenizer.bpe_path}: {tokenizer.vocab_size} tokens, end-of-text id "
             f"{tokenizer.eot_token_id}) does not fit the model ({text.vocab_size} tokens, end-of-text id "
@@ -83,97 +72,16 @@ def check_huggingface_expressible(model: CLIP, tokenizer: Tokenizer | None = Non
 def huggingface_config(model: CLIP, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """config.json of the `CLIPModel` (model_type "clip") equivalent to `model`."""
     check_huggingface_expressible(model)
-    config = model.config
-    vision, text = config.vision, config.text
-    hidden_act = "quick_gelu" if config.quick_gelu else "gelu"
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["CLIPModel"],
-        "model_type": "clip",
-        "projection_dim": config.embed_dim,
-        "logit_scale_init_value": float(model.logit_scale.detach().clamp(max=config.max_logit_scale)),
-        "initializer_factor": 1.0,
-        "dtype": dtype_name,
-        "text_config": {
-            "model_type": "clip_text_model",
-            "vocab_size": text.vocab_size,
-            "hidden_size": text.width,
-            "intermediate_size": round(text.width * text.mlp_ratio),
-            "num_hidden_layers": text.layers,
-            "num_attention_heads": text.heads,
-            "max_position_embeddings": text.context_length,
-            "hidden_act": hidden_act,
-            "layer_norm_eps": LAYER_NORM_EPS,
-            "projection_dim": config.embed_dim,
-            "bos_token_id": text.eot_token_id - 1,
-            "eos_token_id": text.eot_token_id,
-            "pad_token_id": text.eot_token_id,
-            "dtype": dtype_name,
-        },
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "hidden_size": vision.width,
-            "intermediate_size": round(vision.width * vision.mlp_ratio),
-            "num_hidden_layers": vision.layers,
-            "num_attention_heads": vision.heads,
-            "num_channels": 3,
-            "image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-            "hidden_act": hidden_act,
-            "layer_norm_eps": LAYER_NORM_EPS,
-            "projection_dim": config.embed_dim,
-            "dtype": dtype_name,
-        },
-    }
+    return huggingface_layout.huggingface_config(model, dtype=dtype)
 
 
 def huggingface_state_dict(model: CLIP) -> dict[str, Tensor]:
     """The model's weights under CLIPModel's names: new contiguous CPU tensors, none sharing memory."""
     check_huggingface_expressible(model)
-    ours = {k: v.detach() for k, v in model.state_dict().items()}
-    used: set[str] = set()
-
-    def take(name: str) -> Tensor:
-        used.add(name)
-        return ours[name]
-
-    theirs: dict[str, Tensor] = {
-        "logit_scale": take("logit_scale").clamp(max=model.config.max_logit_scale),
-        "vision_model.embeddings.patch_embedding.weight": take("visual.conv1.weight"),
-        "vision_model.embeddings.class_embedding": take("visual.class_embedding"),
-        "vision_model.embeddings.position_embedding.weight": take("visual.positional_embedding"),
-        "visual_projection.weight": take("visual.proj").T,  # (D, width)
-        "text_model.embeddings.token_embedding.weight": take("text.token_embedding.weight"),
-        "text_model.embeddings.position_embedding.weight": take("text.positional_embedding"),
-        "text_projection.weight": take("text.text_projection").T,  # (D, width)
-    }
-    for ours_ln, theirs_ln in (
-        ("visual.ln_pre", "vision_model.pre_layrnorm"),
-        ("visual.ln_post", "vision_model.post_layernorm"),
-        ("text.ln_final", "text_model.final_layer_norm"),
-    ):
-        for param in ("weight", "bias"):
-            theirs[f"{theirs_ln}.{param}"] = take(f"{ours_ln}.{param}")
-    for src, dst, layers in (
-        ("visual.transformer.resblocks", "vision_model.encoder.layers", model.config.vision.layers),
-        ("text.transformer.resblocks", "text_model.encoder.layers", model.config.text.layers),
-    ):
-        for i in range(layers):
-            s, d = f"{src}.{i}.", f"{dst}.{i}."
-            for param in ("weight", "bias"):
-                q, k, v = take(f"{s}attn.in_proj_{param}").chunk(3)  # each (width, width) or (width,)
-                theirs[f"{d}self_attn.q_proj.{param}"] = q
-                theirs[f"{d}self_attn.k_proj.{param}"] = k
-                theirs[f"{d}self_attn.v_proj.{param}"] = v
-                for a, b in _BLOCK_RENAMES.items():
-                    theirs[f"{d}{b}.{param}"] = take(f"{s}{a}.{param}")
-    left = sorted(set(ours) - used)
-    if left:  # a tower grew a parameter that this mapping does not know: refuse rather than drop it
-        raise ExportError(
-            f"cannot export to Hugging Face CLIPModel: no place for {len(left)} parameters: "
-            f"{', '.join(left[:_MAX_LISTED])}"
-        )
-    return {k: v.cpu().contiguous().clone() for k, v in theirs.items()}
+    try:
+        return to_huggingface_state_dict(model)
+    except CheckpointError as exc:
+        raise ExportError(f"cannot export to Hugging Face CLIPModel: {exc}") from exc
 
 
 def huggingface_tokenizer_files(tokenizer: Tokenizer, context_length: int | None = None) -> dict[str, str]:
@@ -245,11 +153,11 @@ def export_huggingface(
     dtype = torch.float16 if fp16 else torch.float32
     state = huggingface_state_dict(copy.deepcopy(model).to(dtype) if fp16 else model)
     texts = {
-        "config.json": json.dumps(huggingface_config(model, dtype=dtype), indent=2) + "\n",
+        CONFIG_FILE: json.dumps(huggingface_config(model, dtype=dtype), indent=2) + "\n",
         **huggingface_tokenizer_files(tokenizer, model.context_length),
         "preprocessor_config.json": json.dumps(image_processor_config(model.image_size), indent=2) + "\n",
     }
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(state, out / WEIGHTS_FILE, metadata={"format": "pt"})
     files = [ExportedFile(out / WEIGHTS_FILE, f"weights, CLIPModel, {'fp16' if fp16 else 'fp32'}")]
     for name, text in texts.items():
         (out / name).write_text(text, encoding="utf-8")

@@ -7,6 +7,14 @@
 projections (`CLIP.encode_image` / `encode_text`). The batch axis is dynamic; S and the context length are
 fixed (tokenize with the model's context length).
 
+Beside the graphs, `write_onnx_metadata` puts what a caller needs to feed them without clip_train:
+onnx_config.json (the graphs' inputs and outputs; the image preprocessing: RGB, short side resized to S
+with bicubic resampling, centre S × S crop, pixels / 255, then (x - mean) / std per channel, channels first;
+the tokenizer's context length and special ids; the logit scale), the tokenizer files (vocab.json and
+merges.txt, the BPE vocabulary, with tokenizer_config.json and special_tokens_map.json for transformers'
+CLIPTokenizer) and preprocessor_config.json (for transformers' CLIPImageProcessor), as the Hugging Face
+export writes them.
+
 fp16 files hold float16 weights and compute in float16, with float32 inputs and outputs: casts sit at the
 graph's boundaries, so a caller feeds the same arrays to either file, and the final L2 normalisation runs in
 float32. onnxruntime's CPU provider runs these graphs as they are.
@@ -20,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,8 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clip_train.data.transforms import CLIP_MEAN, CLIP_STD
 from clip_train.export.files import ExportedFile, ExportError
+from clip_train.export.huggingface import (
+    check_tokenizer_fits,
+    huggingface_tokenizer_files,
+    image_processor_config,
+)
 from clip_train.models import CLIP
+from clip_train.tokenizer import Tokenizer
 
 TOWERS = ("image", "text")
 FP32_MAX_ABS_DIFF = 1e-4  # largest |onnxruntime - PyTorch| allowed in any embedding component, fp32 graphs
@@ -40,6 +57,7 @@ _EXPORT_BATCH = 2  # traced with 2, checked with 3: a batch size other than the 
 _CHECK_BATCH = 3
 # One protobuf file holds at most 2 GiB; larger towers (ViT-bigG's) keep their weights in a .data file.
 _EXTERNAL_DATA_BYTES = 1_800_000_000
+METADATA_FILE = "onnx_config.json"
 _IO_NAMES = {
     "image": ("images", ("image_embeds", "image_features")),
     "text": ("tokens", ("text_embeds", "text_features")),
@@ -226,3 +244,86 @@ def export_onnx(
         precision = "fp16" if fp16 else "fp32"
         results.append(OnnxTowerExport(path, f"{tower} tower, ONNX {precision}", tower, fp16, agreement))
     return results
+
+
+def onnx_metadata(
+    model: CLIP, tokenizer: Tokenizer, *, fp16: bool = False, towers: Sequence[str] = TOWERS
+) -> dict:
+    """onnx_config.json: for each tower its graph file, input and outputs; how to turn an image and a text
+    into those inputs; and the logit scale (and bias) that turn embedding dot products into logits."""
+    size = model.image_size
+    config = model.config
+    inputs = {
+        "image": {"name": "images", "dtype": "float32", "shape": ["batch", 3, size, size]},
+        "text": {"name": "tokens", "dtype": "int64", "shape": ["batch", config.text.context_length]},
+    }
+    record: dict = {
+        "format": "clip_train ONNX towers",
+        "weights": "fp16" if fp16 else "fp32",  # inputs and outputs are float32 either way
+        "embed_dim": config.embed_dim,
+        # logits = logit_scale * image_embeds @ text_embeds.T (+ logit_bias): the model's clamped, exp'd scale
+        "logit_scale": math.exp(float(model.logit_scale.detach().clamp(max=config.max_logit_scale))),
+        "logit_bias": None if model.logit_bias is None else float(model.logit_bias),
+    }
+    for tower in towers:
+        outputs = _IO_NAMES[tower][1]
+        record[f"{tower}_tower"] = {
+            "file": onnx_file_name(tower, fp16=fp16),
+            "input": inputs[tower],
+            "outputs": {
+                outputs[0]: "float32 (batch, embed_dim), L2-normalised",
+                outputs[1]: "float32 (batch, embed_dim), the unnormalised projection",
+            },
+        }
+    record["image_preprocessing"] = {
+        "image_size": size,
+        "convert": "RGB",
+        "resize_shortest_edge": size,
+        "resample": "bicubic",
+        "center_crop": [size, size],
+        "rescale_factor": 1 / 255,
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
+        "layout": "NCHW",
+    }
+    record["tokenizer"] = {
+        "vocab_file": "vocab.json",
+        "merges_file": "merges.txt",
+        "context_length": config.text.context_length,
+        "vocab_size": tokenizer.vocab_size,
+        "sot_token_id": tokenizer.sot_token_id,
+        "eot_token_id": tokenizer.eot_token_id,
+        # Whatever follows end-of-text does not change the features (causal attention, pooled at the first
+        # end-of-text): 0 as our tokenizer pads, or end-of-text as CLIPTokenizer pads, give the same output.
+        "pad_token_id": 0,
+        "lowercase": True,
+        "truncation": "start, the first context_length - 2 text ids, end-of-text",
+    }
+    return record
+
+
+def write_onnx_metadata(
+    model: CLIP,
+    out_dir: str | Path,
+    *,
+    fp16: bool = False,
+    towers: Sequence[str] = TOWERS,
+    tokenizer: Tokenizer | None = None,
+) -> list[ExportedFile]:
+    """Write onnx_config.json (`onnx_metadata`), the tokenizer files and preprocessor_config.json beside the
+    graphs in `out_dir` (see the module docstring). `tokenizer`: the model's (default: the standard BPE
+    vocabulary with the model's context length); raises `ExportError` when it does not fit the model."""
+    if tokenizer is None:
+        tokenizer = Tokenizer(context_length=model.context_length)
+    check_tokenizer_fits(model, tokenizer)
+    out = Path(out_dir)
+    texts = {
+        METADATA_FILE: json.dumps(onnx_metadata(model, tokenizer, fp16=fp16, towers=towers), indent=2),
+        **huggingface_tokenizer_files(tokenizer, model.context_length),
+        "preprocessor_config.json": json.dumps(image_processor_config(model.image_size), indent=2),
+    }
+    files = []
+    for name, text in texts.items():
+        (out / name).write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+        files.append(ExportedFile(out / name, name.removesuffix(".json").removesuffix(".txt")))
+    return files

@@ -18,6 +18,7 @@ or safetensors.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 import zipfile
@@ -402,7 +403,21 @@ def save_openai_checkpoint(model: CLIP, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         quick = "true" if model.config.quick_gelu else "false"
-        save_file(state, str(path), metadata={"format": "pt", _SAFETENSORS_QUICK_GELU: quick})
+        save_safetensors(state, path, metadata={"format": "pt", _SAFETENSORS_QUICK_GELU: quick})
     else:
         torch.save(state, path)
+    return path
+
+
+def save_safetensors(tensors: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write `tensors` to a .safetensors file with the permissions of any other new file (0644 under the
+    usual umask 022). Returns the path.
+
+    safetensors writes a temporary file, created 0600, and renames it into place, so the file would be
+    readable by its owner alone, unlike the JSON and ONNX files written beside it."""
+    path = Path(path)
+    save_file(dict(tensors), str(path), metadata=metadata)
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
     return path
