@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_support import write_lightning_checkpoint
+from eval_support import perturbed_model, write_lightning_checkpoint
 
 from clip_train.checkpoints import load_model
 from clip_train.export import ExportError, export_model
@@ -17,15 +17,6 @@ from clip_train.export.openai_export import CONFIG_FILE, WEIGHTS_FILE
 from clip_train.models import CLIP, build_model
 from clip_train.models.openai_layout import read_openai_state_dict
 from clip_train.tokenizer import Tokenizer
-
-
-def random_model(name: str, seed: int = 0, **overrides: object) -> CLIP:
-    torch.manual_seed(seed)
-    model = build_model(name, **overrides).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    return model
 
 
 def embeddings(model: CLIP, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +30,7 @@ def embeddings(model: CLIP, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 # exact GELU: not what an OpenAI-layout file is assumed to hold, so the metadata must carry it
 @pytest.mark.parametrize(("name", "quick_gelu"), [("vit-tiny", False), ("rn-tiny", True)])
 def test_round_trip_from_a_lightning_checkpoint(tmp_path: Path, name: str, quick_gelu: bool) -> None:
-    model = random_model(name, quick_gelu=quick_gelu)
+    model = perturbed_model(name=name, quick_gelu=quick_gelu)
     checkpoint = write_lightning_checkpoint(model, tmp_path / "last.ckpt")
     files = export_model(load_model(checkpoint), "openai", tmp_path / "openai")
     assert [f.path.name for f in files] == [WEIGHTS_FILE, CONFIG_FILE]
@@ -52,7 +43,7 @@ def test_round_trip_from_a_lightning_checkpoint(tmp_path: Path, name: str, quick
 
 
 def test_open_clip_config_describes_the_model(tmp_path: Path) -> None:
-    model = random_model("vit-tiny")
+    model = perturbed_model()
     export_model(model, "openai", tmp_path / "openai")
     record = json.loads((tmp_path / "openai" / CONFIG_FILE).read_text())
     cfg = record["model_cfg"]
@@ -70,7 +61,7 @@ def test_open_clip_config_describes_the_model(tmp_path: Path) -> None:
 
 
 def test_fp16_round_trip(tmp_path: Path) -> None:
-    model = random_model("vit-tiny", seed=3)
+    model = perturbed_model(seed=3)
     files = export_model(model, "openai", tmp_path / "openai16", fp16=True)
     state, _ = read_openai_state_dict(files[0].path)
     assert {t.dtype for t in state.values()} == {torch.float16}
