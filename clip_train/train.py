@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
+from clip_train.training.checkpointing import CheckpointWriteError, find_resume_checkpoint, probe_writable
 from clip_train.training.preflight import (
     ConfigError,
     check_arguments,
@@ -67,9 +68,8 @@ def _run_id(run_dir: str) -> str:
     return run_id
 
 
-# Lightning's notes that do not apply here: checkpoints are taken after the optimiser step on purpose
-# (the state of step N), and the data position is resumed by the data module's own state_dict.
-warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+# Lightning's note that does not apply here: the data position is resumed by the data module's own
+# state_dict.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 # bf16 weights are reported at 32 bits in the model summary: a note on the summary's size estimate only.
@@ -125,16 +125,32 @@ def build_strategy(cfg: DictConfig) -> Strategy | str:
     return strategy
 
 
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where the run's checkpoints go: the checkpoint callback's folder (runs/<run_name>/checkpoints)."""
+    callback = (cfg.get("callbacks") or {}).get("checkpoint") or {}
+    return Path(callback.get("dirpath") or Path(cfg.paths.run_dir) / "checkpoints")
+
+
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The newest of last.ckpt and the checkpoints Lightning's SLURM plugin writes when a job is preempted
-    (hpc_ckpt_N.ckpt in the run directory), or None for a fresh start."""
+    """The checkpoint to resume from (see training.checkpointing.find_resume_checkpoint: last.ckpt if
+    intact, else the newest intact step-N.ckpt; a damaged file is named and passed over), or None for a
+    fresh start. Preemption checkpoints of older versions (hpc_ckpt_N.ckpt) compete by age."""
     if not cfg.resume:
         return None
     run_dir = Path(cfg.paths.run_dir)
-    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    # exists(), not is_file(): under DeepSpeed a checkpoint is a directory of per-rank shards.
-    existing = [p for p in candidates if p.exists()]
-    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+    found = find_resume_checkpoint(checkpoint_dir(cfg), also=sorted(run_dir.glob("hpc_ckpt_*.ckpt")))
+    return str(found) if found else None
+
+
+def check_output_writable(cfg: DictConfig) -> None:
+    """Refuse, before any work, a run directory or checkpoint folder that cannot be written."""
+    for folder in dict.fromkeys([Path(cfg.paths.run_dir), checkpoint_dir(cfg)]):
+        error = probe_writable(folder)
+        if error is not None:
+            raise ConfigError(
+                f"cannot write to {folder} ({error.strerror or error}): the run would lose its checkpoints."
+                " Make it writable, or choose another folder with paths.root_dir=... or run_name=..."
+            )
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -172,6 +188,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
     ckpt = resume_checkpoint(cfg)
     check_resumed_settings(cfg, ckpt)  # before the model, the teacher and the data are built
+    check_output_writable(cfg)
     pl.seed_everything(cfg.seed, workers=True)
 
     model = instantiate(cfg.model)
@@ -208,19 +225,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt is None:
         record_run_settings(cfg)
     log.info("run directory %s; %s", cfg.paths.run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")
-    with warnings.catch_warnings():  # this run's filter only: a sweep's next job may start fresh
-        if ckpt:  # a resumed run's checkpoint folder is not empty, by design
-            warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 def _describes_bad_input(error: BaseException) -> bool:
     """Errors our code raises to say what is wrong with the input (ConfigError, ShardError, CheckpointError
-    and the other ValueError subclasses of this project) and missing files; any other error, a bug
-    included, keeps its traceback."""
+    and the other ValueError subclasses of this project), missing files and a checkpoint that cannot be
+    written (a full or read-only disk); any other error, a bug included, keeps its traceback."""
     own = type(error).__module__.split(".")[0] in ("clip_train", "data_pipelines")
-    return (own and isinstance(error, ValueError)) or isinstance(error, FileNotFoundError)
+    return (own and isinstance(error, ValueError)) or isinstance(
+        error, FileNotFoundError | CheckpointWriteError
+    )
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -207,6 +207,10 @@ def test_a_deepspeed_checkpoint_directory_is_resumed(tmp_path):
     run_dir = tmp_path / "runs" / "zero2"
     (run_dir / "checkpoints" / "last.ckpt" / "checkpoint").mkdir(parents=True)
     cfg = OmegaConf.create({"resume": True, "paths": {"run_dir": str(run_dir)}})
+    no_tag_file_yet = pytest.warns(UserWarning, match="not a complete checkpoint")
+    with no_tag_file_yet, pytest.raises(CheckpointError, match="every checkpoint in"):
+        resume_checkpoint(cfg)
+    (run_dir / "checkpoints" / "last.ckpt" / "latest").write_text("checkpoint")  # DeepSpeed writes it last
     assert resume_checkpoint(cfg) == str(run_dir / "checkpoints" / "last.ckpt")
 
 

@@ -246,7 +246,7 @@ def test_resume_takes_the_newest_of_last_and_the_slurm_preemption_checkpoints(tm
     names = ("checkpoints/last.ckpt", "hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt")
     files = {name: tmp_path / name for name in names}
     for age, path in zip((30, 20, 10), files.values()):  # seconds ago: hpc_ckpt_2 is the newest
-        path.write_bytes(b"")
+        torch.save({"global_step": 1}, path)
         os.utime(path, (time.time() - age, time.time() - age))
     assert resume_checkpoint(cfg) == str(files["hpc_ckpt_2.ckpt"])
     os.utime(files["checkpoints/last.ckpt"])  # steps trained after the requeue: last.ckpt is newer again
@@ -498,7 +498,7 @@ def _common(shards: str, root: Path) -> list[str]:
         "global_batch_size=16",
         "scheduler.warmup_steps=3", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
         "logger.0.flush_logs_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=1",
-        "callbacks.checkpoint.save_top_k=1", "~callbacks.progress",
+        "callbacks.checkpoint.keep_last=1", "~callbacks.progress",
     ]  # fmt: skip
 
 
@@ -639,16 +639,19 @@ def test_tensorboard_curves_continue_across_a_restart_without_doubled_steps(tmp_
     common = [a for a in _common(shards, tmp_path) if "logger.0" not in a and "max_epochs" not in a]
     common += ["logger=tensorboard", "data.num_workers=0", "run_name=tb"]
     checkpoints = tmp_path / "runs/tb/checkpoints"
+    at_step_2 = tmp_path / "at-step-2.ckpt"
     started = {}
     for attempt, steps in (("first", 2), ("first", 4), ("second", 4)):
-        if attempt == "second":  # back to the state at step 2
-            (checkpoints / "step-2.ckpt").replace(checkpoints / "last.ckpt")
+        if attempt == "second":  # back to the state at step 2: the later checkpoints are lost
+            shutil.rmtree(checkpoints)
+            checkpoints.mkdir()
+            at_step_2.replace(checkpoints / "last.ckpt")
         started[attempt] = time.time()
         proc = _run([*common, f"trainer.max_steps={steps}"], cwd=tmp_path)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
         if steps == 2:
-            (checkpoints / "step-2.ckpt").write_bytes((checkpoints / "last.ckpt").read_bytes())
+            shutil.copyfile(checkpoints / "last.ckpt", at_step_2)
     assert len(list((tmp_path / "runs/tb/tensorboard").glob("events.out.tfevents.*"))) == 3
 
     events = EventAccumulator(str(tmp_path / "runs/tb/tensorboard"))

@@ -78,11 +78,21 @@ def warmup_cosine_lambda(
 
 
 def warmup_cosine_schedule(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+    fixed_total_steps: int | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step scheduler; call `.step()` after every optimiser step."""
+    """A per-step scheduler; call `.step()` after every optimiser step.
+
+    total_steps: the run's length, which the training module passes (from max_steps or max_epochs).
+    fixed_total_steps: the steps the cosine spans whatever the run's length, so that a run stopped early
+        and resumed with a larger max_steps keeps the learning rate it would have had (with the default,
+        None, raising max_steps stretches the cosine and the learning rate jumps back up)."""
+    span = total_steps if fixed_total_steps is None else fixed_total_steps
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine_lambda(warmup_steps, total_steps, min_lr_ratio)
+        optimizer, warmup_cosine_lambda(warmup_steps, span, min_lr_ratio)
     )
 
 
