@@ -57,6 +57,7 @@ from clip_train.data.transforms import (
     normalize_batch,
     stack_uint8,
 )
+from clip_train.models.clip import check_token_values
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "webp", "png")
 # A reader that meets this many undecodable samples in a row stops with an error instead of spinning.
@@ -370,6 +371,7 @@ class _TrainStream(IterableDataset):
                 captions.append(caption)
                 keys.append(sample["__key__"])
             tokens = self.tokenizer(captions)
+            text_lengths = _checked_text_lengths(tokens, self.tokenizer, keys)
             pixels = stack_uint8(images)
             batch = torch.empty(len(images), 3, *pixels.shape[1:3], dtype=torch.float32)
             if in_worker:  # filled in shared memory, so sending it to the main process copies nothing
@@ -381,8 +383,25 @@ class _TrainStream(IterableDataset):
                 "worker": worker,
                 "samples_read": read,
                 "corrupt": corrupt + losses.count,
+                "text_lengths": text_lengths,
             }
             yield normalize_batch(pixels, out=batch), tokens, batch_info
+
+
+def _checked_text_lengths(tokens: torch.Tensor, tokenizer: Tokenizer, keys: list[str]) -> list[int] | None:
+    """Each caption's length up to and including its end-of-text token, as plain integers (the training
+    step groups captions by length without a device synchronisation), after checking the token values
+    here, once per batch in the loader, instead of in the model at every step; a bad one names its sample.
+    None for a tokenizer that does not say its end-of-text id (`eot_token_id`): the step checks instead."""
+    eot = getattr(tokenizer, "eot_token_id", None)
+    if eot is None:
+        return None
+    vocab_size = getattr(tokenizer, "vocab_size", None)
+    try:
+        check_token_values(tokens, vocab_size if vocab_size is not None else 2**62, eot, keys)
+    except ValueError as error:
+        raise ValueError(f"the tokenizer's output: {error}") from None
+    return ((tokens == eot).int().argmax(dim=1) + 1).tolist()
 
 
 class _EvalStream(IterableDataset):

@@ -86,6 +86,7 @@ class DistillationModule(CLIPTrainingModule):
         max_consecutive_nonfinite: int = 5,
         compile: bool = False,
         grad_checkpointing: bool = False,
+        text_length_groups: int = 4,
     ) -> None:
         if micro_batch_size is not None:
             raise ValueError(
@@ -128,6 +129,7 @@ class DistillationModule(CLIPTrainingModule):
             gradient_clip_norm=gradient_clip_norm,
             max_consecutive_nonfinite=max_consecutive_nonfinite,
             compile=compile,
+            text_length_groups=text_length_groups,
             grad_checkpointing=grad_checkpointing,
         )
         if student_dim != teacher_dim and projection:
@@ -170,7 +172,11 @@ class DistillationModule(CLIPTrainingModule):
     # ------------------------------------------------------------------------------------------ steps
     @torch.no_grad()
     def teacher_embeddings(
-        self, images: Tensor, tokens: Tensor, keys: list[str] | None
+        self,
+        images: Tensor,
+        tokens: Tensor,
+        keys: list[str] | None,
+        text_lengths: list[int] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(B, D) unit-norm teacher image and text embeddings of a batch: looked up, or computed."""
         if self.table is not None:
@@ -179,19 +185,23 @@ class DistillationModule(CLIPTrainingModule):
             image, text = self.table.lookup(keys)
             return image.to(images.device), text.to(images.device)
         image = F.normalize(self.teacher.encode_image(images).float(), dim=-1)
-        text = F.normalize(self.teacher.encode_text(tokens).float(), dim=-1)
-        return image, text
+        self.teacher.check_token_values = False  # checked by the data module
+        text = self.teacher.encode_text(tokens, text_lengths, self.text_length_groups)
+        return image, F.normalize(text.float(), dim=-1)
 
     def distillation_output(self, batch) -> DistillationLossOutput:
         """The loss of one batch `(images, tokens[, info])`, with the graph for the backward pass."""
         images, tokens = batch[0], batch[1]
         keys = batch[2].get("keys") if len(batch) > 2 and isinstance(batch[2], dict) else None
-        teacher_image, teacher_text = self.teacher_embeddings(images, tokens, keys)
+        lengths = self._text_lengths(batch)
+        teacher_image, teacher_text = self.teacher_embeddings(images, tokens, keys, lengths)
         student = getattr(self.model, "_orig_mod", self.model)
         student_image = F.normalize(self.model.encode_image(images), dim=-1)
         # Image tower only: the student's text tower is the teacher's, so its embeddings are the teacher's.
         student_text = (
-            F.normalize(self.model.encode_text(tokens), dim=-1) if self.train_text else teacher_text
+            F.normalize(self.model.encode_text(tokens, lengths, self.text_length_groups), dim=-1)
+            if self.train_text
+            else teacher_text
         )
         projected_image = projected_text = None
         if self.projection is not None:

@@ -7,7 +7,7 @@ temperature exp(logit_scale) (clamped at `max_logit_scale`) and the optional Sig
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -21,6 +21,7 @@ from clip_train.models.configs import (
     apply_overrides,
     get_model_config,
 )
+from clip_train.models.length_groups import encode_in_length_groups
 from clip_train.models.modified_resnet import ModifiedResNet
 from clip_train.models.text_transformer import TextTransformer
 from clip_train.models.vision_transformer import VisionTransformer
@@ -54,6 +55,9 @@ class CLIP(nn.Module):
         self.logit_bias: nn.Parameter | None = None
         if config.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+        # Whether encode_text checks token values (range, end-of-text), which costs a device
+        # synchronisation per call; training turns it off, its data module checks each batch instead.
+        self.check_token_values = True
 
     @property
     def image_size(self) -> int:
@@ -68,15 +72,29 @@ class CLIP(nn.Module):
         self._check_images(images)
         return self.visual(images)
 
-    def encode_text(self, tokens: Tensor) -> Tensor:
+    def encode_text(
+        self, tokens: Tensor, text_lengths: Sequence[int] | None = None, text_groups: int = 4
+    ) -> Tensor:
         """(B, L) int64 token ids, L <= `context_length`, each row with an end-of-text token →
-        (B, embed_dim) unnormalised features."""
-        self._check_tokens(tokens)
-        return self.text(tokens)
+        (B, embed_dim) unnormalised features.
 
-    def forward(self, images: Tensor, tokens: Tensor) -> CLIPOutput:
+        text_lengths: each row's length up to and including its end-of-text token; given, the rows are
+            encoded in `text_groups` groups of similar length, each padded only as far as it needs
+            (exact, see `clip_train.models.length_groups`)."""
+        self._check_tokens(tokens)
+        if text_lengths is None:
+            return self.text(tokens)
+        return encode_in_length_groups(self.text, tokens, text_lengths, text_groups)
+
+    def forward(
+        self,
+        images: Tensor,
+        tokens: Tensor,
+        text_lengths: Sequence[int] | None = None,
+        text_groups: int = 4,
+    ) -> CLIPOutput:
         image_embeds = F.normalize(self.encode_image(images), dim=-1)  # (B, D)
-        text_embeds = F.normalize(self.encode_text(tokens), dim=-1)  # (B, D)
+        text_embeds = F.normalize(self.encode_text(tokens, text_lengths, text_groups), dim=-1)  # (B, D)
         logit_scale, logit_bias = self.logit_scale_and_bias()
         return CLIPOutput(image_embeds, text_embeds, logit_scale, logit_bias)
 
@@ -143,22 +161,34 @@ class CLIP(nn.Module):
                 f"token sequences must have length 1..{cfg.context_length} (the context length), got "
                 f"{tokens.shape[1]}"
             )
-        if tokens.numel() == 0 or torch.compiler.is_compiling():
-            return
-        # One device synchronisation for all three value checks.
-        low, high, has_eot = torch.stack(
-            [tokens.min(), tokens.max(), (tokens == cfg.eot_token_id).any(dim=1).all()]
-        ).tolist()
-        if low < 0 or high >= cfg.vocab_size:
-            raise ValueError(
-                f"token ids must lie in [0, {cfg.vocab_size}) (the vocabulary), got values in [{low}, {high}]"
-            )
-        if not has_eot:
-            rows = (~(tokens == cfg.eot_token_id).any(dim=1)).nonzero().flatten().tolist()
-            raise ValueError(
-                f"rows {rows[:10]} have no end-of-text token (id {cfg.eot_token_id}), where the text "
-                "features are read; tokenize with the model's tokenizer"
-            )
+        if self.check_token_values and tokens.numel() > 0 and not torch.compiler.is_compiling():
+            check_token_values(tokens, cfg.vocab_size, cfg.eot_token_id)
+
+
+def check_token_values(
+    tokens: Tensor, vocab_size: int, eot_token_id: int, keys: Sequence[str] | None = None
+) -> None:
+    """Refuse token ids outside the vocabulary and rows without an end-of-text token (where the text
+    features are read), naming the rows, or their sample keys when given. One device synchronisation."""
+    low, high, has_eot = torch.stack(
+        [tokens.min(), tokens.max(), (tokens == eot_token_id).any(dim=1).all()]
+    ).tolist()
+
+    def named(rows: list[int]) -> str:
+        return f"samples {[keys[r] for r in rows[:10]]}" if keys is not None else f"rows {rows[:10]}"
+
+    if low < 0 or high >= vocab_size:
+        bad = ((tokens < 0) | (tokens >= vocab_size)).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}) (the vocabulary), got values in [{low}, {high}] "
+            f"({named(bad)}); tokenize with the model's tokenizer"
+        )
+    if not has_eot:
+        rows = (~(tokens == eot_token_id).any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{named(rows)} have no end-of-text token (id {eot_token_id}), where the text features are "
+            "read; tokenize with the model's tokenizer"
+        )
 
 
 def build_model(name_or_config: str | CLIPConfig, **overrides: Any) -> CLIP:

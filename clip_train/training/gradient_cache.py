@@ -18,7 +18,7 @@ second one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -51,6 +51,8 @@ def gradient_cached_step(
     *,
     backward: Callable[[Tensor], None] = Tensor.backward,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
+    text_lengths: Sequence[int] | None = None,
+    text_groups: int = 4,
 ):
     """Accumulate into `.grad` the exact full-batch gradient of the contrastive loss, micro-batch-wise.
 
@@ -68,6 +70,8 @@ def gradient_cached_step(
         no_sync: context that suspends data-parallel gradient averaging (`DistributedDataParallel.no_sync`
             or Lightning's `block_backward_sync`). Every backward but the last runs inside it; the last one
             covers every parameter, so the averaging happens once, over the accumulated full-batch gradient.
+        text_lengths, text_groups: each caption's length, to encode every micro-batch's captions in length
+            groups (see `clip_train.models.length_groups`); None pads every caption.
 
     Returns:
         The loss function's output for the full batch (its `.loss` detached from any graph).
@@ -81,14 +85,21 @@ def gradient_cached_step(
     device = images.device
     image_chunks = images.split(micro_batch_size)
     token_chunks = tokens.split(micro_batch_size)
+    if text_lengths is None:
+        texts = [{} for _ in token_chunks]
+    else:
+        texts = [
+            {"text_lengths": text_lengths[i : i + micro_batch_size], "text_groups": text_groups}
+            for i in range(0, len(text_lengths), micro_batch_size)
+        ]
 
     # Pass 1: embeddings without a graph; remember the random state each micro-batch started from.
     states: list[_RandomState] = []
     image_parts, text_parts = [], []
     with torch.no_grad():
-        for image_chunk, token_chunk in zip(image_chunks, token_chunks):
+        for image_chunk, token_chunk, text in zip(image_chunks, token_chunks, texts):
             states.append(_RandomState.capture(device))
-            out = model(image_chunk, token_chunk)
+            out = model(image_chunk, token_chunk, **text)
             image_parts.append(out.image_embeds)
             text_parts.append(out.text_embeds)
     after_pass_1 = _RandomState.capture(device)
@@ -110,7 +121,7 @@ def gradient_cached_step(
     for i, (state, image_chunk, token_chunk) in enumerate(zip(states, image_chunks, token_chunks)):
         state.restore(device)
         with nullcontext() if i == last else no_sync():
-            out = model(image_chunk, token_chunk)
+            out = model(image_chunk, token_chunk, **texts[i])
             surrogate = (out.image_embeds * image_grads[i]).sum() + (out.text_embeds * text_grads[i]).sum()
             if i == last:
                 # Touch the temperature (with a zero) so the synchronising backward sees every parameter.

@@ -19,6 +19,7 @@ from pytorch_lightning.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from clip_train.models.clip import check_token_values
 from clip_train.training.gradient_cache import gradient_cached_step
 from clip_train.training.optim import decayed_parameter_names, parameter_groups
 from clip_train.training.sharding import (
@@ -68,12 +69,15 @@ class CLIPTrainingModule(pl.LightningModule):
         max_consecutive_nonfinite: int = 5,
         compile: bool = False,
         grad_checkpointing: bool = False,
+        text_length_groups: int = 4,
     ) -> None:
         super().__init__()
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive integer or null, got {micro_batch_size}")
         if max_consecutive_nonfinite < 1:
             raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
+        if text_length_groups < 0:
+            raise ValueError(f"text_length_groups must be >= 0 (0: full padding), got {text_length_groups}")
         self.automatic_optimization = False
         self.model = model
         self.loss = loss
@@ -83,6 +87,10 @@ class CLIPTrainingModule(pl.LightningModule):
         self.gradient_clip_norm = gradient_clip_norm
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.compile = compile
+        self.text_length_groups = text_length_groups
+        # The data module checks token values once per batch, in its workers; in the step, that check
+        # would cost a device synchronisation.
+        model.check_token_values = False
         if grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.nonfinite_steps = 0  # total over the run, logged
@@ -168,6 +176,7 @@ class CLIPTrainingModule(pl.LightningModule):
     def forward_backward(self, batch):
         """Compute the loss of `batch` and back-propagate it into `.grad`; returns the loss output."""
         images, tokens = batch[0], batch[1]
+        text = {"text_lengths": self._text_lengths(batch), "text_groups": self.text_length_groups}
         if self.micro_batch_size is not None and self.micro_batch_size < images.shape[0]:
             # Gradient caching runs under DDP only (train.py refuses the sharded strategies), where the
             # temperature parameter is whole outside the forward pass.
@@ -182,13 +191,25 @@ class CLIPTrainingModule(pl.LightningModule):
                 self.micro_batch_size,
                 backward=self.manual_backward,
                 no_sync=getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext),
+                **text,
             )
-        encoded = self.model(images, tokens)
+        encoded = self.model(images, tokens, **text)
         self._last_logit_scale = encoded.logit_scale.detach()
         output = self.loss(encoded.image_embeds, encoded.text_embeds, encoded.logit_scale, encoded.logit_bias)
         # Back-propagate even a non-finite loss: every rank must take part in the gradient all-reduce.
         self.manual_backward(output.loss)
         return output
+
+    def _text_lengths(self, batch) -> list[int] | None:
+        """The captions' lengths, which the data module computed in its workers after checking the token
+        values; None (every caption padded) without length groups. A batch that comes without lengths (not
+        from our data module) has its token values checked here instead, at one device synchronisation."""
+        info = batch[2] if len(batch) > 2 and isinstance(batch[2], dict) else {}
+        lengths = info.get("text_lengths")
+        if lengths is None:
+            text = _clip_config(self.model).text
+            check_token_values(batch[1], text.vocab_size, text.eot_token_id)
+        return lengths if self.text_length_groups else None
 
     def _apply_update(self, optimizer, loss: Tensor) -> bool:
         """Step the optimiser and the schedule and clamp the temperature, unless the loss was not finite on
@@ -310,3 +331,10 @@ class CLIPTrainingModule(pl.LightningModule):
             metrics["train/corrupt_samples_skipped"] = torch.tensor(float(datamodule.corrupt_samples))
         self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=True)
         self.log("loss", output.loss.detach(), prog_bar=True, logger=False, rank_zero_only=True)
+
+
+def _clip_config(model: nn.Module):
+    """The CLIPConfig of a model, through the wrappers of compile, DDP, FSDP and DeepSpeed."""
+    while not hasattr(model, "config") or not hasattr(model.config, "text"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model.config
