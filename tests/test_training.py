@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -500,6 +501,35 @@ def _common(shards: str, root: Path) -> list[str]:
         "logger.0.flush_logs_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=1",
         "callbacks.checkpoint.keep_last=1", "~callbacks.progress",
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_compile_failure_falls_back_to_eager_mode_with_one_warning(tmp_path, monkeypatch):
+    # A real failure: inductor's C++ compiler missing, as on a platform without one.
+    import torch._inductor.config as inductor_config
+
+    shards = write_crawler_shards(tmp_path / "shards", [8, 8], image_size=40)
+
+    def run(name: str, *extra: str) -> list[float]:
+        cfg = _compose(
+            f"data.train_shards='{shards}'", "model=vit_tiny", "+model.vision={layers: 1}",
+            "+model.text={layers: 1}", "data.num_workers=0", "global_batch_size=8",
+            f"paths.run_dir={tmp_path}/{name}", "trainer.precision=32-true",
+            "trainer.max_steps=2", "trainer.log_every_n_steps=1", "logger.0.flush_logs_every_n_steps=1",
+            "~callbacks.progress", *extra,
+        )  # fmt: skip
+        train(cfg)
+        metrics = read_metrics(tmp_path / f"{name}/logs/metrics.csv")
+        return [m["train/loss"] for _, m in sorted(metrics.items()) if "train/loss" in m]
+
+    eager = run("eager")
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallen_back = run("compiled", "module.compile=true")
+    said = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    assert len(said) == 1 and "No working C++ compiler" in said[0] and "module.compile=false" in said[0]
+    assert fallen_back == eager  # the failed step was redone in eager mode, nothing else changed
 
 
 def test_a_short_run_logs_every_metric_the_issue_lists(tmp_path):

@@ -113,6 +113,7 @@ class CLIPTrainingModule(pl.LightningModule):
         if self.compile and not getattr(self, "_compiled", False):
             self.model = torch.compile(self.model)
             self._compiled = True
+            self._compile_unproven = True  # until its first step has run
 
     def configure_optimizers(self):
         inner = getattr(self.model, "_orig_mod", self.model)
@@ -168,10 +169,31 @@ class CLIPTrainingModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        output = self.forward_backward(batch)
+        output = self._forward_backward_or_eager(batch)
         if self._apply_update(optimizer, output.loss):
             self._log_step(output, batch[0].shape[0])
         return output.loss.detach()
+
+    def _forward_backward_or_eager(self, batch):
+        """forward_backward; if torch.compile fails at its first step (a platform it does not support, no
+        C++ compiler, ...), the model falls back to eager mode with one warning and the step is redone.
+        Compilation fails before anything runs, so the redone step is the step eager mode would have run."""
+        if not getattr(self, "_compile_unproven", False):
+            return self.forward_backward(batch)
+        try:
+            output = self.forward_backward(batch)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            warnings.warn(
+                f"torch.compile failed on this platform ({reason}); training goes on in eager mode. Set "
+                "module.compile=false to skip the attempt.",
+                stacklevel=2,
+            )
+            self.model = self.model._orig_mod
+            self.optimizers().zero_grad(set_to_none=True)
+            output = None
+        self._compile_unproven = False
+        return output if output is not None else self.forward_backward(batch)
 
     def forward_backward(self, batch):
         """Compute the loss of `batch` and back-propagate it into `.grad`; returns the loss output."""
