@@ -53,13 +53,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import importlib
 import importlib.metadata
 import importlib.util
 import json
 import math
 import os
-import resource
 import shlex
 import statistics
 import subprocess
@@ -81,6 +82,8 @@ SMALL_VIT: dict[str, Any] = {
     "vision": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32},
     "text": {"context_length": 32, "width": 128, "heads": 4, "layers": 4},
 }
+DEFAULTS = {"batch": 32, "warmup": 1, "steps": 2, "reps": 3}
+QUICK = {"batch": 16, "warmup": 1, "steps": 2, "reps": 1}
 COLUMNS = (
     ("model", 10),
     ("captions", 9),
@@ -94,17 +97,24 @@ COLUMNS = (
 
 
 # ---------------------------------------------------------------------------------------- workers
-def rss_mib() -> float:
-    """The current resident set size of this process in MiB (Linux)."""
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    return float("nan")
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def start_memory_window() -> float:
+    """Free what earlier jobs left (to the OS, not only to malloc), reset the peak RSS to the current RSS
+    (Linux: "5" into /proc/self/clear_refs) and return that RSS in MiB. The job's peak is then VmHWM."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_mib("VmRSS")
 
 
 def window_rate(starts: list[float], ends: list[float], warmup: int, batch: int) -> dict[str, float]:
@@ -112,107 +122,131 @@ def window_rate(starts: list[float], ends: list[float], warmup: int, batch: int)
     timed = len(starts) - warmup
     window = ends[-1] - starts[warmup]
     steps = [e - s for s, e in zip(starts[warmup:], ends[warmup:])]
-    return {"samples_per_s": timed * batch / window, "step_ms_median": 1000 * statistics.median(steps)}
-
-
-def ours_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """One measurement of clip_train's training step: the Lightning module fitted by a Lightning Trainer."""
-    import logging
-    import warnings
-
-    import torch
-
-    torch.set_num_threads(job["threads"])
-    warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    sys.path.insert(0, str(REPO))
-    import pytorch_lightning as pl
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-    from torch.utils.data import DataLoader, Dataset
-
-    from clip_train.checkpoints import clip_config_from_dict
-    from clip_train.models import build_model
-
-    data = torch.load(job["data"])
-    images, tokens = data["images"], data["tokens"]
-    # What our data module yields: images, tokens and the batch's info, whose "text_lengths" (each caption's
-    # length up to and including its end-of-text token) the module uses for its text length groups.
-    batches = [
-        (images[k], tokens[k], {"text_lengths": ((tokens[k] == EOT_ID).int().argmax(dim=1) + 1).tolist()})
-        for k in range(images.shape[0])
-    ]
-    total = job["warmup"] + job["steps"]
-
-    class Batches(Dataset):
-        def __len__(self) -> int:
-            return total
-
-        def __getitem__(self, i: int) -> tuple:
-            return batches[i % len(batches)]
-
-    class StepTimer(pl.Callback):
-        def __init__(self) -> None:
-            self.starts: list[float] = []
-            self.ends: list[float] = []
-            self.losses: list[float] = []
-            self.threads = 0
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
-            self.starts.append(time.perf_counter())
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
-            self.ends.append(time.perf_counter())
-            self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
-            self.threads = torch.get_num_threads()
-
-    base = rss_mib()
-    torch.manual_seed(0)
-    model = build_model(clip_config_from_dict(job["model"]))
-    configs = REPO / "configs"
-    adamw = OmegaConf.merge(
-        OmegaConf.load(configs / "optimizer" / "adamw.yaml"),
-        {"lr": job["lr"], "betas": job["betas"], "eps": job["eps"], "weight_decay": job["weight_decay"]},
-    )
-    schedule = OmegaConf.load(configs / "scheduler" / "warmup_cosine.yaml")
-    schedule.warmup_steps = job["warmup"]
-    module_cfg = OmegaConf.load(configs / "train.yaml")
-    module = instantiate(
-        OmegaConf.create(OmegaConf.to_container(module_cfg.module, resolve=True)),
-        model=model,
-        loss=instantiate(OmegaConf.load(configs / "loss" / "contrastive.yaml")),
-        optimizer=instantiate(adamw),
-        scheduler=instantiate(schedule),
-        compile=job["compile"],
-    )
-    timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=total,
-        precision="bf16-mixed" if job["precision"] == "bf16" else "32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-    )
-    trainer.fit(module, train_dataloaders=DataLoader(Batches(), batch_size=None))
-    if len(timer.starts) != total:
-        raise RuntimeError(f"ran {len(timer.starts)} steps, expected {total}")
     return {
-        **window_rate(timer.starts, timer.ends, job["warmup"], job["batch"]),
-        "peak_mib": peak_rss_mib(),
-        "base_mib": base,
-        "threads": timer.threads,
-        "torch": torch.__version__,
-        "losses": [timer.losses[0], timer.losses[-1]],
-        "optimizer": describe_adamw(module.optimizers().optimizer),
-        "text_length_groups": getattr(module, "text_length_groups", None),
+        "samples_per_s": timed * batch / window,
+        "step_ms_median": 1000 * statistics.median(steps),
+        "step_ms": [round(1000 * (e - s), 1) for s, e in zip(starts, ends)],  # warm-up included
     }
+
+
+def describe_adamw(optimizer: Any) -> str:
+    flags = optimizer.defaults
+    if flags.get("fused"):
+        return "fused"
+    return "foreach" if flags.get("foreach") else "default (for-loop on CPU)"
+
+
+class OursSide:
+    """clip_train's training step: `CLIPTrainingModule` built as train.py builds it, fitted by a Lightning
+    Trainer on an in-memory loader."""
+
+    def __init__(self, threads: int) -> None:
+        import logging
+        import warnings
+
+        import torch
+
+        self.threads = threads
+        torch.set_num_threads(threads)
+        warnings.filterwarnings("ignore")
+        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        sys.path.insert(0, str(REPO))
+        import pytorch_lightning  # noqa: F401  (imported once, not in the first job)
+
+        import clip_train.training.lightning_module  # noqa: F401
+
+        self.versions = {"torch": torch.__version__}
+
+    def measure(self, job: dict[str, Any]) -> dict[str, Any]:
+        import pytorch_lightning as pl
+        import torch
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+        from torch.utils.data import DataLoader, Dataset
+
+        from clip_train.checkpoints import clip_config_from_dict
+        from clip_train.models import build_model
+
+        torch.set_num_threads(self.threads)
+        torch._dynamo.reset()
+        data = torch.load(job["data"])
+        images, tokens = data["images"], data["tokens"]
+        # What our data module yields: images, tokens and the batch's info, whose "text_lengths" (each
+        # caption's length up to and including its end-of-text token) the module's text length groups use.
+        batches = [
+            (images[k], tokens[k], {"text_lengths": ((tokens[k] == EOT_ID).int().argmax(dim=1) + 1).tolist()})
+            for k in range(images.shape[0])
+        ]
+        total = job["warmup"] + job["steps"]
+
+        class Batches(Dataset):
+            def __len__(self) -> int:
+                return total
+
+            def __getitem__(self, i: int) -> tuple:
+                return batches[i % len(batches)]
+
+        class StepTimer(pl.Callback):
+            def __init__(self) -> None:
+                self.starts: list[float] = []
+                self.ends: list[float] = []
+                self.losses: list[float] = []
+                self.threads = 0
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+                self.starts.append(time.perf_counter())
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+                self.ends.append(time.perf_counter())
+                self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+                self.threads = torch.get_num_threads()
+
+        base = start_memory_window()
+        torch.manual_seed(0)
+        model = build_model(clip_config_from_dict(job["model"]))
+        configs = REPO / "configs"
+        adamw = OmegaConf.merge(
+            OmegaConf.load(configs / "optimizer" / "adamw.yaml"),
+            {"lr": job["lr"], "betas": job["betas"], "eps": job["eps"], "weight_decay": job["weight_decay"]},
+        )
+        schedule = OmegaConf.load(configs / "scheduler" / "warmup_cosine.yaml")
+        schedule.warmup_steps = job["warmup"]
+        module_cfg = OmegaConf.load(configs / "train.yaml").module  # as train.py instantiates cfg.module
+        module = instantiate(
+            OmegaConf.create(OmegaConf.to_container(module_cfg, resolve=True)),
+            model=model,
+            loss=instantiate(OmegaConf.load(configs / "loss" / "contrastive.yaml")),
+            optimizer=instantiate(adamw),
+            scheduler=instantiate(schedule),
+            compile=job["compile"],
+        )
+        timer = StepTimer()
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=total,
+            precision="bf16-mixed" if job["precision"] == "bf16" else "32-true",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            callbacks=[timer],
+        )
+        trainer.fit(module, train_dataloaders=DataLoader(Batches(), batch_size=None))
+        if len(timer.starts) != total:
+            raise RuntimeError(f"ran {len(timer.starts)} steps, expected {total}")
+        return {
+            **window_rate(timer.starts, timer.ends, job["warmup"], job["batch"]),
+            "peak_mib": _status_mib("VmHWM"),
+            "base_mib": base,
+            "threads": timer.threads,
+            "losses": [timer.losses[0], timer.losses[-1]],
+            "optimizer": describe_adamw(module.optimizers().optimizer),
+            "text_length_groups": getattr(module, "text_length_groups", None),
+        }
 
 
 def import_openclip_parts() -> tuple[types.ModuleType, types.ModuleType, str]:
@@ -276,77 +310,90 @@ def openclip_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def openclip_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """One measurement of OpenCLIP's training step: its CLIP and ClipLoss in a loop shaped like
-    open_clip_train's train_one_epoch (no clip_train import here: this runs in OpenCLIP's environment)."""
-    import torch
+class OpenCLIPSide:
+    """OpenCLIP's CLIP and ClipLoss in a loop shaped like open_clip_train's train_one_epoch. Runs in
+    OpenCLIP's environment: nothing of clip_train is imported here."""
 
-    torch.set_num_threads(job["threads"])
-    oc_model, oc_loss, version = import_openclip_parts()
-    data = torch.load(job["data"])
-    images, tokens = data["images"], data["tokens"]
-    base = rss_mib()
-    torch.manual_seed(0)
-    model = oc_model.CLIP(**openclip_kwargs(job["model"]))
-    model.train()
-    loss_fn = oc_loss.ClipLoss()
+    def __init__(self, threads: int) -> None:
+        import torch
 
-    # open_clip_train/main.py's grouping: 1-d tensors, norms, biases and the temperature get no weight decay.
-    def exempt(name: str, p: torch.Tensor) -> bool:
-        return p.ndim < 2 or any(key in name for key in ("bn", "ln", "bias", "logit_scale"))
+        self.threads = threads
+        torch.set_num_threads(threads)
+        self.model_module, self.loss_module, version = import_openclip_parts()
+        self.versions = {"torch": torch.__version__, "openclip": version}
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": job["weight_decay"]},
-    ]
-    fused = {"fused": True} if job["openclip_fused_adamw"] else {}
-    optimizer = torch.optim.AdamW(groups, lr=job["lr"], betas=job["betas"], eps=job["eps"], **fused)
-    step_model = torch.compile(model) if job["compile"] else model
-    bf16 = job["precision"] == "bf16"
-    total, warmup = job["warmup"] + job["steps"], job["warmup"]
+    def measure(self, job: dict[str, Any]) -> dict[str, Any]:
+        import torch
 
-    def learning_rate(step: int) -> float:  # linear warm-up, then cosine decay over the run
-        if step < warmup:
-            return job["lr"] * (step + 1) / warmup
-        return 0.5 * job["lr"] * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        torch.set_num_threads(self.threads)
+        torch._dynamo.reset()
+        data = torch.load(job["data"])
+        images, tokens = data["images"], data["tokens"]
+        base = start_memory_window()
+        torch.manual_seed(0)
+        model = self.model_module.CLIP(**openclip_kwargs(job["model"]))
+        model.train()
+        loss_fn = self.loss_module.ClipLoss()
 
-    starts, ends, losses = [], [], []
-    for step in range(total):
-        starts.append(time.perf_counter())
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step)
-        batch_images, batch_tokens = images[step % len(images)], tokens[step % len(tokens)]
-        optimizer.zero_grad()
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with autocast:
-            out = step_model(batch_images, batch_tokens)
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        ends.append(time.perf_counter())
-        losses.append(float(loss.detach()))
-    if "clip_train" in sys.modules:
-        raise RuntimeError("the OpenCLIP worker imported clip_train")
-    return {
-        **window_rate(starts, ends, warmup, job["batch"]),
-        "peak_mib": peak_rss_mib(),
-        "base_mib": base,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "openclip": version,
-        "losses": [losses[0], losses[-1]],
-        "optimizer": describe_adamw(optimizer),
-    }
+        # open_clip_train/main.py's grouping: 1-d tensors, norms, biases, the temperature: no weight decay.
+        def exempt(name: str, p: torch.Tensor) -> bool:
+            return p.ndim < 2 or any(key in name for key in ("bn", "ln", "bias", "logit_scale"))
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": job["weight_decay"]},
+        ]
+        fused = {"fused": True} if job["openclip_fused_adamw"] else {}
+        optimizer = torch.optim.AdamW(groups, lr=job["lr"], betas=job["betas"], eps=job["eps"], **fused)
+        step_model = torch.compile(model) if job["compile"] else model
+        bf16 = job["precision"] == "bf16"
+        total, warmup, lr = job["warmup"] + job["steps"], job["warmup"], job["lr"]
+
+        def learning_rate(step: int) -> float:  # linear warm-up, then cosine decay over the run
+            if step < warmup:
+                return lr * (step + 1) / warmup
+            return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        starts, ends, losses = [], [], []
+        for step in range(total):
+            starts.append(time.perf_counter())
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step)
+            batch_images, batch_tokens = images[step % len(images)], tokens[step % len(tokens)]
+            optimizer.zero_grad()
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with autocast:
+                out = step_model(batch_images, batch_tokens)
+                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            ends.append(time.perf_counter())
+            losses.append(float(loss.detach()))
+        if "clip_train" in sys.modules:
+            raise RuntimeError("the OpenCLIP worker imported clip_train")
+        return {
+            **window_rate(starts, ends, warmup, job["batch"]),
+            "peak_mib": _status_mib("VmHWM"),
+            "base_mib": base,
+            "threads": torch.get_num_threads(),
+            "losses": [losses[0], losses[-1]],
+            "optimizer": describe_adamw(optimizer),
+        }
 
 
-def describe_adamw(optimizer: Any) -> str:
-    flags = optimizer.defaults
-    if flags.get("fused"):
-        return "fused"
-    return "foreach" if flags.get("foreach") else "default (for-loop on CPU)"
+def serve(side: str, threads: int) -> None:
+    """A worker process: set up once (imports), say READY, then run one job per line of stdin, replying
+    with one RESULT line each. Anything libraries print goes to stderr, the parent's log of this worker."""
+    replies, sys.stdout = sys.stdout, sys.stderr
+    runner = OursSide(threads) if side == "ours" else OpenCLIPSide(threads)
+    hello = {**runner.versions, "python": sys.executable, "rss_mib": _status_mib("VmRSS")}
+    print("READY " + json.dumps(hello), file=replies, flush=True)
+    for line in sys.stdin:
+        result = runner.measure(json.loads(line))
+        print("RESULT " + json.dumps(result), file=replies, flush=True)
 
 
 # ------------------------------------------------------------------------------ OpenCLIP environment
@@ -449,23 +496,56 @@ def write_inputs(folder: Path, configs: dict[str, dict[str, Any]], batch: int) -
 
 
 # -------------------------------------------------------------------------------------------- runs
-def run_worker(python: Path, side: str, job: dict[str, Any], folder: Path, env: dict[str, str]) -> dict:
-    job_file = folder / "job.json"
-    result_file = folder / "result.json"
-    result_file.unlink(missing_ok=True)
-    job_file.write_text(json.dumps({**job, "result": str(result_file)}))
-    cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--job", str(job_file)]
-    # cwd outside the repository, so that nothing of the project is importable by accident on OpenCLIP's side
-    done = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
-    if done.returncode != 0 or not result_file.exists():
-        raise SystemExit(f"{side} worker failed ({shlex.join(cmd)}):\n{(done.stdout + done.stderr)[-4000:]}")
-    return json.loads(result_file.read_text())
+class Worker:
+    """A worker process of one side, fed one job at a time; its stderr goes to a log file."""
+
+    def __init__(self, python: Path, side: str, threads: int, folder: Path, env: dict[str, str]) -> None:
+        self.side = side
+        self.log_path = folder / f"{side}-{time.monotonic_ns()}.log"
+        self.log = self.log_path.open("w")
+        self.cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--threads", str(threads)]
+        # cwd outside the repository: nothing of the project is importable by accident on OpenCLIP's side.
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+            text=True,
+        )  # fmt: skip
+        self.hello: dict[str, Any] = {}
+
+    def wait_ready(self) -> dict[str, Any]:
+        self.hello = self._reply("READY ")
+        return self.hello
+
+    def _reply(self, prefix: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return json.loads(line[len(prefix) :])
+        self.log.flush()
+        tail = self.log_path.read_text()[-4000:]
+        raise SystemExit(f"{self.side} worker failed ({shlex.join(self.cmd)}):\n{tail}")
+
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return self._reply("RESULT ")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 def summary(results: list[dict[str, Any]]) -> tuple[float, str, str]:
     rates = [r["samples_per_s"] for r in results]
     median = statistics.median(rates)
-    spread = f"{median:7.1f} ({min(rates):.1f}–{max(rates):.1f})"
+    spread = f"{median:.1f} ({min(rates):.1f}–{max(rates):.1f})"
     peak = max(r["peak_mib"] for r in results)
     growth = max(r["peak_mib"] - r["base_mib"] for r in results)
     return median, spread, f"{peak:.0f} (+{growth:.0f})"
@@ -477,8 +557,7 @@ def print_table(rows: list[tuple[str, str, str, list[dict], list[dict]]]) -> Non
     for model, captions, precision, ours, theirs in rows:
         ours_median, ours_text, ours_peak = summary(ours)
         oc_median, oc_text, oc_peak = summary(theirs)
-        cells = [model, captions, precision]
-        line = "".join(f"{c:<{w}}" for c, w in zip(cells, widths))
+        line = "".join(f"{c:<{w}}" for c, w in zip((model, captions, precision), widths))
         values = [ours_text, oc_text, f"{ours_median / oc_median:.2f}x", ours_peak, oc_peak]
         line += "".join(f"{v:>{w}}" for v, w in zip(values, widths[3:]))
         print(line)
@@ -493,14 +572,13 @@ def length_summary(lengths: list[int]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", choices=("ours", "openclip"), help=argparse.SUPPRESS)
-    p.add_argument("--job", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--models", nargs="+", default=["demo", "small-vit"], choices=("demo", "small-vit"))
     p.add_argument("--captions", nargs="+", default=["demo", "web-like"], choices=("demo", "web-like"))
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
-    p.add_argument("--batch", type=int, default=128, help="samples per step (default 128)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default 10)")
-    p.add_argument("--reps", type=int, default=3, help="alternating worker pairs per row (default 3)")
+    p.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="samples per step")
+    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="untimed steps first")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="timed steps per measurement")
+    p.add_argument("--reps", type=int, default=DEFAULTS["reps"], help="rounds, each with a fresh worker pair")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (0: the CPU count)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     p.add_argument(
@@ -510,20 +588,20 @@ def main() -> None:
     )
     p.add_argument("--openclip-venv", type=Path, default=Path("/tmp/venv-openclip"))
     p.add_argument("--json", type=Path, help="also write every measurement to this file")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, 1 warm-up + 3 timed steps")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items())
+    )
     args = p.parse_args()
-
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = args.threads or cores
     if args.worker:
-        job = json.loads(args.job.read_text())
-        result = (ours_worker if args.worker == "ours" else openclip_worker)(job)
-        Path(job["result"]).write_text(json.dumps(result))
+        serve(args.worker, threads)
         return
 
     start = time.perf_counter()
     if args.quick:
-        args.reps, args.warmup, args.steps = 1, 1, 3
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = args.threads or cores
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -534,67 +612,87 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     pythons = {"ours": Path(sys.executable), "openclip": openclip_python}
-    compiled = (False, True) if args.compile else (False,)
-    table, records = [], []
+    rows = [
+        (model, kind, precision, compiled)
+        for model in configs
+        for kind in args.captions
+        for precision in args.precisions
+        for compiled in ((False, True) if args.compile else (False,))
+    ]
+    runs: dict[tuple, dict[str, list[dict]]] = {row: {"ours": [], "openclip": []} for row in rows}
+    hellos: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_vs_openclip_") as tmp:
         folder = Path(tmp)
         inputs = write_inputs(folder, configs, args.batch)
         print(
-            f"batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps, {args.reps} alternating "
-            f"repetitions, {threads} torch threads per worker, {cores} CPU cores"
+            f"batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps, {args.reps} rounds, "
+            f"{threads} torch threads per worker, {cores} CPU cores"
         )
         for (model, kind), lengths in inputs["lengths"].items():
             if kind in args.captions:
                 print(f"caption lengths {model}/{kind} (start and end included): {length_summary(lengths)}")
-        for model, config in configs.items():
-            for kind in args.captions:
-                for precision in args.precisions:
-                    for compile_ in compiled:
-                        job = {
-                            "model": config,
-                            "data": str(inputs["files"][(model, kind)]),
-                            "precision": precision,
-                            "batch": args.batch,
-                            "warmup": args.warmup + (DISTINCT_BATCHES if compile_ else 0),
-                            "steps": args.steps,
-                            "threads": threads,
-                            "compile": compile_,
-                            "lr": 1e-3,
-                            "betas": [0.9, 0.98],
-                            "eps": 1e-6,
-                            "weight_decay": 0.2,
-                            "openclip_fused_adamw": args.openclip_fused_adamw,
-                        }
-                        runs: dict[str, list[dict]] = {"ours": [], "openclip": []}
-                        for _ in range(args.reps):
-                            for side in ("ours", "openclip"):
-                                runs[side].append(run_worker(pythons[side], side, job, folder, env))
-                        label = precision + ("+compile" if compile_ else "")
-                        table.append((model, kind, label, runs["ours"], runs["openclip"]))
-                        records.append({"model": model, "captions": kind, "precision": label, **runs})
-                        print(
-                            f"  {model:<10}{kind:<9}{label:<13} ours {summary(runs['ours'])[0]:7.1f}  "
-                            f"OpenCLIP {summary(runs['openclip'])[0]:7.1f} samples/s",
-                            flush=True,
-                        )
+        for round_ in range(args.reps):
+            workers: dict[str, Worker] = {}
+            try:
+                for side in ("ours", "openclip"):  # both start (import) at once, then wait for both
+                    workers[side] = Worker(pythons[side], side, threads, folder, env)
+                for side, worker in workers.items():
+                    hellos[side] = worker.wait_ready()
+                for model, kind, precision, compiled in rows:
+                    job = {
+                        "model": configs[model],
+                        "data": str(inputs["files"][(model, kind)]),
+                        "precision": precision,
+                        "batch": args.batch,
+                        "warmup": args.warmup + (DISTINCT_BATCHES if compiled else 0),
+                        "steps": args.steps,
+                        "compile": compiled,
+                        "lr": 1e-3,
+                        "betas": [0.9, 0.98],
+                        "eps": 1e-6,
+                        "weight_decay": 0.2,
+                        "openclip_fused_adamw": args.openclip_fused_adamw,
+                    }
+                    row = runs[(model, kind, precision, compiled)]
+                    for side in ("ours", "openclip"):  # alternate: ours, OpenCLIP, ours, OpenCLIP, ...
+                        row[side].append(workers[side].run(job))
+                    print(
+                        f"  round {round_ + 1}/{args.reps} {model:<10}{kind:<9}{precision}"
+                        f"{'+compile' if compiled else ''}: ours {row['ours'][-1]['samples_per_s']:.1f}, "
+                        f"OpenCLIP {row['openclip'][-1]['samples_per_s']:.1f} samples/s",
+                        flush=True,
+                    )
+            finally:
+                for worker in workers.values():
+                    worker.close()
+    table = [
+        (model, kind, precision + ("+compile" if compiled else ""), r["ours"], r["openclip"])
+        for (model, kind, precision, compiled), r in runs.items()
+    ]
     print_table(table)
-    ours_any, oc_any = table[0][3][0], table[0][4][0]
+    ours, theirs = table[0][3][0], table[0][4][0]
+    groups = ours["text_length_groups"]
     print(
-        f"\nours: torch {ours_any['torch']} in {sys.prefix}, AdamW {ours_any['optimizer']}, text length "
-        f"groups {ours_any['text_length_groups'] if ours_any['text_length_groups'] is not None else 'n/a'}; "
-        f"OpenCLIP {oc_any['openclip']}: torch {oc_any['torch']} in {args.openclip_venv}, AdamW "
-        f"{oc_any['optimizer']}; threads seen in the workers: ours {ours_any['threads']}, OpenCLIP "
-        f"{oc_any['threads']}"
+        f"\nours: torch {hellos['ours']['torch']} ({hellos['ours']['python']}), AdamW {ours['optimizer']}, "
+        f"text length groups {groups if groups is not None else 'n/a (this module has none)'}\n"
+        f"OpenCLIP {hellos['openclip']['openclip']}: torch {hellos['openclip']['torch']} "
+        f"({hellos['openclip']['python']}), AdamW {theirs['optimizer']}\n"
+        f"torch threads seen in the workers: ours {ours['threads']}, OpenCLIP {theirs['threads']}; RSS after "
+        f"the imports: ours {hellos['ours']['rss_mib']:.0f} MiB, "
+        f"OpenCLIP {hellos['openclip']['rss_mib']:.0f} MiB"
     )
     print(
-        "samples/s: median over the repetitions (min–max) of the timed steps' samples / wall time; ratio: "
-        "of the medians. peak MiB: the worker's peak RSS (+ its growth over the RSS before the model was "
-        "built: imports excluded)."
+        "samples/s: median over the rounds (min–max) of timed samples / wall time of the timed steps; ratio: "
+        "of the medians. peak MiB: the worker's peak RSS during the job (+ growth over its RSS before the "
+        "model was built)."
     )
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps(records, indent=1))
+        records = [
+            {"model": m, "captions": c, "precision": p, "compile": k, **r} for (m, c, p, k), r in runs.items()
+        ]
+        args.json.write_text(json.dumps({"workers": hellos, "rows": records}, indent=1))
 
 
 if __name__ == "__main__":
