@@ -20,7 +20,8 @@ PIP_TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 VOCAB := clip_train/assets/bpe_simple_vocab_16e6.txt.gz
-PYTEST_ARGS ?=
+# The slowest tests are listed at the end of every run: the suite must stay within about 15 minutes in CI.
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: setup test bench lint demo demo-extras clean
 
