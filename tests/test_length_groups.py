@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 
@@ -48,6 +49,20 @@ def grads(m: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in inner.named_parameters() if p.grad is not None}
 
 
+def loss_and_grads(m, loss_fn, images, tokens, micro_batch_size, text_lengths) -> tuple[float, dict]:
+    """One step's loss and parameter gradients: a plain forward and backward, or gradient-cached."""
+    if micro_batch_size is None:
+        out = m(images, tokens, text_lengths=text_lengths)
+        loss = loss_fn(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias).loss
+        loss.backward()
+    else:
+        no_sync = getattr(m, "no_sync", contextlib.nullcontext)
+        loss = gradient_cached_step(
+            m, loss_fn, images, tokens, micro_batch_size, no_sync=no_sync, text_lengths=text_lengths
+        ).loss
+    return loss.item(), grads(m)
+
+
 def assert_same_grads(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys()
     for name, g in expected.items():
@@ -76,16 +91,7 @@ def test_loss_and_gradients_equal_full_padding(loss_fn, micro_batch_size):
     images, tokens = batch(lengths)
 
     def step(text_lengths):
-        m = model()
-        if micro_batch_size is None:
-            out = m(images, tokens, text_lengths=text_lengths)
-            loss = loss_fn(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias).loss
-            loss.backward()
-        else:
-            loss = gradient_cached_step(
-                m, loss_fn, images, tokens, micro_batch_size, text_lengths=text_lengths
-            ).loss
-        return loss.item(), grads(m)
+        return loss_and_grads(model(), loss_fn, images, tokens, micro_batch_size, text_lengths)
 
     full_loss, full_grads = step(None)
     grouped_loss, grouped_grads = step(lengths)
@@ -103,19 +109,17 @@ def _worker(rank: int, world: int, port: int, micro_batch_size: int | None, resu
         # Each rank's captions have other lengths (rank 1's are all short): nothing may wait for another.
         lengths = web_like_lengths(8, seed=rank) if rank == 0 else [4] * 8
         images, tokens = batch(lengths, seed=rank)
-        out = {}
-        for name, text_lengths in (("full", None), ("grouped", lengths)):
-            m = DistributedDataParallel(copy.deepcopy(model()))
-            loss_fn = ContrastiveLoss()
-            if micro_batch_size is None:
-                o = m(images, tokens, text_lengths=text_lengths)
-                loss = loss_fn(o.image_embeds, o.text_embeds, o.logit_scale, o.logit_bias).loss
-                loss.backward()
-            else:
-                loss = gradient_cached_step(
-                    m, loss_fn, images, tokens, micro_batch_size, no_sync=m.no_sync, text_lengths=text_lengths
-                ).loss
-            out[name] = (loss.item(), grads(m))
+        out = {
+            name: loss_and_grads(
+                DistributedDataParallel(copy.deepcopy(model())),
+                ContrastiveLoss(),
+                images,
+                tokens,
+                micro_batch_size,
+                text_lengths,
+            )
+            for name, text_lengths in (("full", None), ("grouped", lengths))
+        }
         assert out["grouped"][0] == pytest.approx(out["full"][0], rel=1e-5)
         assert_same_grads(out["grouped"][1], out["full"][1])
         results[rank] = True

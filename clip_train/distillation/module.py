@@ -144,6 +144,7 @@ class DistillationModule(CLIPTrainingModule):
             for param in model.text.parameters():
                 param.requires_grad_(False)
         # Not an attribute nn.Module registers: the teacher is neither trained nor saved with the student.
+        teacher_model.check_token_values = False  # as the student's: the data module checks each batch
         self.__dict__["teacher"] = teacher_model
         self.teacher_source = str(teacher) if not isinstance(teacher, CLIP) else "<in-memory model>"
         self.train_text = train_text
@@ -185,7 +186,6 @@ class DistillationModule(CLIPTrainingModule):
             image, text = self.table.lookup(keys)
             return image.to(images.device), text.to(images.device)
         image = F.normalize(self.teacher.encode_image(images).float(), dim=-1)
-        self.teacher.check_token_values = False  # checked by the data module
         text = self.teacher.encode_text(tokens, text_lengths, self.text_length_groups)
         return image, F.normalize(text.float(), dim=-1)
 

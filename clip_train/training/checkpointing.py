@@ -144,6 +144,19 @@ def step_number(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _step_files(folder: Path) -> list[Path]:
+    """The folder's step-N.ckpt files (or DeepSpeed folders), oldest step first."""
+    return sorted((p for p in folder.glob("step-*.ckpt") if step_number(p) is not None), key=step_number)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint file, link or DeepSpeed folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def is_intact(path: Path) -> bool:
     """A complete checkpoint: a readable zip archive (what torch.save writes; a cut-off file has lost the
     central directory at its end), or a DeepSpeed checkpoint directory with its `latest` tag file."""
@@ -162,14 +175,9 @@ def find_resume_checkpoint(checkpoint_dir: Path, also: list[Path] = ()) -> Path 
     (preemption checkpoints of older versions) compete by modification time. Damaged files are named in
     a warning and passed over."""
     last = checkpoint_dir / LAST
-    steps = sorted(
-        (p for p in checkpoint_dir.glob("step-*.ckpt") if step_number(p) is not None),
-        key=step_number,
-        reverse=True,
-    )
     damaged: list[Path] = []
     newest_step = None
-    for path in steps:
+    for path in reversed(_step_files(checkpoint_dir)):
         if is_intact(path):
             newest_step = path
             break
@@ -203,7 +211,7 @@ def find_resume_checkpoint(checkpoint_dir: Path, also: list[Path] = ()) -> Path 
 
 def _is_later(step_file: Path, last: Path) -> bool:
     """Whether `step_file` holds a later step than `last.ckpt` (which links to some step file)."""
-    for candidate in last.parent.glob("step-*.ckpt"):
+    for candidate in _step_files(last.parent):
         try:
             if candidate.samefile(last):
                 return step_number(step_file) > step_number(candidate)
@@ -258,9 +266,7 @@ class TrainingCheckpoint(Checkpoint):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if trainer.is_global_zero and self.dirpath.is_dir():
             for leftover in self.dirpath.glob(f".*{_PARTIAL}*"):  # a write that a kill -9 interrupted
-                shutil.rmtree(
-                    leftover
-                ) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+                _remove(leftover)
         self._install_requeue_handlers()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -305,12 +311,6 @@ class TrainingCheckpoint(Checkpoint):
             signal.signal(signum, handler)
         self._previous_handlers = {}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"dirpath": str(self.dirpath), "last_saved_step": self._last_saved_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass  # everything is derived again from the trainer and the folder
-
     # ---------------------------------------------------------------- saving
     def save(self, trainer: pl.Trainer) -> Path:
         """Write step-N.ckpt for the current step and point last.ckpt at it (every rank calls this)."""
@@ -344,29 +344,32 @@ class TrainingCheckpoint(Checkpoint):
                         with open(Path(root) / name, "rb") as f:
                             os.fsync(f.fileno())
                 if target.exists():
-                    shutil.rmtree(target)
+                    _remove(target)
                 os.rename(partial, target)
                 last = self.dirpath / LAST
                 if last.is_dir() and not last.is_symlink():  # a folder written by an older version
-                    shutil.rmtree(last)
-                link = self.dirpath / f".{LAST}{_PARTIAL}"
-                link.unlink(missing_ok=True)
-                os.symlink(target.name, link)
-                os.replace(link, last)
-                _fsync_directory(self.dirpath)
+                    _remove(last)
             except OSError as error:
                 raise CheckpointWriteError(write_failure_message(target, error)) from error
+            self._swap_in_last(lambda link: os.symlink(target.name, link))
         trainer.strategy.barrier("checkpoint folder renamed")
 
     def _link_last_to_file(self, target: Path) -> None:
-        last = self.dirpath / LAST
-        link = self.dirpath / f".{LAST}{_PARTIAL}"
-        try:
-            link.unlink(missing_ok=True)
+        def hard_link(link: Path) -> None:
             try:
                 os.link(target, link)
             except OSError:  # a file system without hard links: a second copy, written atomically too
                 write_atomically(link, lambda f: f.write(target.read_bytes()))
+
+        self._swap_in_last(hard_link)
+
+    def _swap_in_last(self, make_link: Callable[[Path], None]) -> None:
+        """Replace last.ckpt by a rename: `make_link` creates the new one under a temporary name first."""
+        last = self.dirpath / LAST
+        link = self.dirpath / f".{LAST}{_PARTIAL}"
+        try:
+            link.unlink(missing_ok=True)
+            make_link(link)
             os.replace(link, last)
             _fsync_directory(self.dirpath)
         except OSError as error:
@@ -375,11 +378,8 @@ class TrainingCheckpoint(Checkpoint):
     def _prune(self) -> None:
         if self.keep_last is None:
             return
-        steps = sorted(
-            (p for p in self.dirpath.glob("step-*.ckpt") if step_number(p) is not None), key=step_number
-        )
-        for old in steps[: -self.keep_last]:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        for old in _step_files(self.dirpath)[: -self.keep_last]:
+            _remove(old)
 
     # ---------------------------------------------------------------- when
     def _time_is_up(self) -> bool:

@@ -181,7 +181,7 @@ class CLIPTrainingModule(pl.LightningModule):
         if not getattr(self, "_compile_unproven", False):
             return self.forward_backward(batch)
         try:
-            output = self.forward_backward(batch)
+            return self.forward_backward(batch)
         except torch._dynamo.exc.TorchDynamoException as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             warnings.warn(
@@ -191,9 +191,9 @@ class CLIPTrainingModule(pl.LightningModule):
             )
             self.model = self.model._orig_mod
             self.optimizers().zero_grad(set_to_none=True)
-            output = None
-        self._compile_unproven = False
-        return output if output is not None else self.forward_backward(batch)
+            return self.forward_backward(batch)
+        finally:
+            self._compile_unproven = False
 
     def forward_backward(self, batch):
         """Compute the loss of `batch` and back-propagate it into `.grad`; returns the loss output."""
